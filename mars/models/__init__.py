@@ -1,0 +1,23 @@
+"""Qwen2/2.5/3 dense decoders in JAX, with HF import/export.
+
+    cfg, params = mars.models.load_hf(path, dtype="float32", mesh=None)
+    logits = mars.models.forward(cfg, params, tokens, attention_mask)
+    mars.models.save_hf(cfg, params, out_dir)
+"""
+from mars.models.config import ModelConfig, from_hf_dict, load_config, tiny_config, to_hf_dict
+from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir, save_hf
+from mars.models.qwen import (KVCache, cache_axes, decode_step, extend, forward, init_cache,
+                              init_params, logprobs_from_logits, param_axes, param_shapes,
+                              prefill, token_logprobs)
+
+
+def param_shardings(cfg, mesh):
+  """NamedSharding for every parameter, from the logical rules."""
+  from mars import sharding
+  sharding.check_heads(cfg.num_heads, mesh)
+  return sharding.tree_shardings(mesh, param_axes(cfg), param_shapes(cfg))
+
+
+def shard_params(cfg, params, mesh):
+  import jax
+  return jax.device_put(params, param_shardings(cfg, mesh))

@@ -1,0 +1,34 @@
+"""mars: RL post-training of reasoning LLMs that learn from their own failures."""
+import setuptools
+
+setuptools.setup(
+    name="mars",
+    version="0.1.0",
+    description="JAX/Flax RL post-training: multi-attempt PPO and LTE/GRPO for Qwen models.",
+    packages=setuptools.find_packages(include=["mars", "mars.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "ml_dtypes>=0.4",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.5",
+        "importlib_resources",
+        "math-verify[antlr4_13_2]>=0.7",
+        "ml-collections>=0.1.1",
+        "absl-py",
+        "etils[epath]",
+        "tqdm",
+        "tensorboardX",
+        "matplotlib",
+        "numpy",
+    ],
+    extras_require={
+        # torch is only the HF reference in tests/benchmarks; the CPU build is on disk.
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+    },
+)
