@@ -144,11 +144,15 @@ def constrain(x, logical_axes):
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
     return x
-  spec = []
+  spec, used = [], set()
   for dim, axis in zip(x.shape, logical_axes):
     mesh_axes = LOGICAL_RULES.get(axis)
-    if mesh_axes is not None and dim % mesh_axis_size(mesh, mesh_axes):
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    # A mesh axis can shard one dim only: under FSDP the batch already takes
+    # `fsdp`, so the activation's embed dim stays whole (only params use it).
+    if mesh_axes is not None and (used & set(names) or dim % mesh_axis_size(mesh, mesh_axes)):
       mesh_axes = None
+    used |= set(names) if mesh_axes is not None else set()
     spec.append(mesh_axes)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
 

@@ -1,0 +1,57 @@
+"""Shared fixtures. 8 virtual CPU devices for every test (sharding tests need
+them; unsharded code just runs on device 0), set before JAX initialises."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pathlib
+
+import pytest
+
+SHARED = pathlib.Path(os.environ.get("MARS_SHARED_DIR",
+                                     pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
+os.environ.setdefault("MARS_DATA_DIR", str(SHARED / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+  if not SHARED.exists():
+    pytest.fail(f"../shared not found at {SHARED}; set MARS_SHARED_DIR.")
+  return SHARED
+
+
+def _tiny_hf(tmp_path_factory, name, kind, **kw):
+  import torch
+  import transformers
+  base = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=512)
+  base.update(kw)
+  if kind == "qwen2":
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**base))
+  else:
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**base))
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in model.parameters():  # big weights make logits spread out: a harder parity test
+      p.normal_(0.0, 0.3)
+  model.eval()
+  path = tmp_path_factory.mktemp(name)
+  model.save_pretrained(path)
+  return str(path), model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+  """Qwen2: qkv bias, tied embeddings, GQA ratio 2."""
+  return _tiny_hf(tmp_path_factory, "qwen2", "qwen2", num_key_value_heads=2,
+                  tie_word_embeddings=True, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+  """Qwen3: q/k norm, untied embeddings, head_dim 24 != 64/4, GQA ratio 1."""
+  return _tiny_hf(tmp_path_factory, "qwen3", "qwen3", num_key_value_heads=4, head_dim=24,
+                  tie_word_embeddings=False)
