@@ -29,6 +29,6 @@ setuptools.setup(
     ],
     extras_require={
         # torch is only the HF reference in tests/benchmarks; the CPU build is on disk.
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        "test": ["torch==2.13.0", "pytest>=8", "scipy", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -1,0 +1,3 @@
+"""Rollout engine: prefill + on-device decode loop, logprobs, forced tokens."""
+from mars.sampling.engine import DecodeState, SampleOutput, Sampler, compile_count
+from mars.sampling.select import GREEDY, SamplingParams, filter_logits, select_tokens

@@ -1,0 +1,348 @@
+"""Rollout engine: jitted prefill + on-device decode loop over a KV cache.
+
+The decode loop is a `lax.while_loop` that stays on device for up to K steps
+(or until every row is done), then returns control to the host. The host can
+inspect the rows, queue *forced tokens* for some of them (a feedback turn in a
+multi-attempt episode), and resume from the same cache: no re-prefill.
+
+Buffers are aligned with cache slots: column s of `tokens` is the token whose
+K/V sit in cache slot s. Prompts occupy columns [0, P) (left-padded), the
+response grows from column P for every row in lockstep.
+"""
+import dataclasses
+import functools
+import logging
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mars import sharding
+from mars.models import qwen
+from mars.models.config import ModelConfig
+from mars.sampling.select import SamplingParams, select_tokens
+
+
+@flax.struct.dataclass
+class DecodeState:
+  cache: qwen.KVCache
+  tokens: jax.Array         # [B, S] int32, aligned with cache slots
+  gen_mask: jax.Array       # [B, S] bool: sampled by the model
+  forced_mask: jax.Array    # [B, S] bool: injected from the force queue
+  logp: jax.Array           # [B, S] f32: policy logprob (T=1, unfiltered) of sampled tokens
+  sampler_logp: jax.Array   # [B, S] f32: logprob under the sampling distribution
+  last_logits: jax.Array    # [B, V] f32: logits for each row's next token
+  position: jax.Array       # [B] int32: RoPE position of each row's next token
+  num_generated: jax.Array  # [B] int32: sampled tokens so far
+  max_new: jax.Array        # [B] int32: per-row budget of sampled tokens
+  done: jax.Array           # [B] bool
+  stopped: jax.Array        # [B] bool: ended on a stop token
+  truncated: jax.Array      # [B] bool: ended on the budget or the cache end
+  force_queue: jax.Array    # [B, Q] int32
+  force_len: jax.Array      # [B] int32
+  force_ptr: jax.Array      # [B] int32
+  key: jax.Array
+  prompt_len: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def batch_size(self):
+    return self.tokens.shape[0]
+
+  @property
+  def cache_len(self):
+    return self.tokens.shape[1]
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """Host (numpy) view of a finished or paused batch."""
+  tokens: np.ndarray         # [B, S]
+  prompt_mask: np.ndarray    # [B, S]
+  gen_mask: np.ndarray       # [B, S]
+  forced_mask: np.ndarray    # [B, S]
+  logp: np.ndarray           # [B, S]
+  sampler_logp: np.ndarray   # [B, S]
+  lengths: np.ndarray        # [B] sampled tokens per row
+  truncated: np.ndarray      # [B]
+  stopped: np.ndarray        # [B]
+  prompt_len: int
+
+  def response_tokens(self, row: int) -> list:
+    """Sampled + forced tokens of a row, in order (what follows the prompt)."""
+    keep = self.gen_mask[row] | self.forced_mask[row]
+    return self.tokens[row][keep].tolist()
+
+
+def _decode_step(cfg: ModelConfig, params, state: DecodeState, stop_ids, pad_id,
+                 temperature, top_p, top_k) -> DecodeState:
+  key, sub = jax.random.split(state.key)
+  B, S = state.tokens.shape
+  col = state.cache.index
+  active = ~state.done
+  has_forced = state.force_ptr < state.force_len
+  forced_tok = jnp.take_along_axis(
+      state.force_queue, jnp.minimum(state.force_ptr, state.force_queue.shape[1] - 1)[:, None], 1)[:, 0]
+  sampled_tok, sampler_logp = select_tokens(state.last_logits, sub, temperature, top_p, top_k)
+  tok = jnp.where(has_forced, forced_tok, sampled_tok)
+  tok = jnp.where(active, tok, pad_id).astype(jnp.int32)
+  is_gen = active & ~has_forced
+  is_forced = active & has_forced
+  policy_logp = jnp.take_along_axis(jax.nn.log_softmax(state.last_logits, -1), tok[:, None], -1)[:, 0]
+
+  def put(buf, value):
+    return jax.lax.dynamic_update_slice(buf, value[:, None].astype(buf.dtype), (0, col))
+
+  num_generated = state.num_generated + is_gen
+  hit_stop = is_gen & jnp.isin(tok, stop_ids)
+  out_of_budget = is_gen & (num_generated >= state.max_new) & ~hit_stop
+  cache_full = active & (col + 1 >= S) & ~hit_stop
+  logits, cache = qwen.extend(cfg, params, tok[:, None], state.position[:, None], active[:, None],
+                              state.cache)
+  return state.replace(
+      cache=cache,
+      tokens=put(state.tokens, tok),
+      gen_mask=put(state.gen_mask, is_gen),
+      forced_mask=put(state.forced_mask, is_forced),
+      logp=put(state.logp, jnp.where(is_gen, policy_logp, 0.0)),
+      sampler_logp=put(state.sampler_logp, jnp.where(is_gen, sampler_logp, 0.0)),
+      last_logits=logits[:, 0].astype(jnp.float32),
+      position=state.position + active,
+      num_generated=num_generated,
+      done=state.done | hit_stop | out_of_budget | cache_full,
+      stopped=state.stopped | hit_stop,
+      truncated=state.truncated | out_of_budget | cache_full,
+      force_ptr=state.force_ptr + is_forced,
+      key=key)
+
+
+def _decode_loop(cfg, params, state, num_steps, stop_ids, pad_id, temperature, top_p, top_k):
+  """Up to `num_steps` decode steps, exiting early once every row is done."""
+  def cond(carry):
+    s, i = carry
+    return (i < num_steps) & ~jnp.all(s.done) & (s.cache.index < s.cache_len)
+
+  def body(carry):
+    s, i = carry
+    return _decode_step(cfg, params, s, stop_ids, pad_id, temperature, top_p, top_k), i + 1
+
+  state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+  return state
+
+
+def _prefill(cfg, params, prompt_tokens, prompt_mask, key, max_new, *, n, cache_len, queue_len,
+             pad_id):
+  """Prefills B prompts once and fans the cache out to B·n rows (group-major)."""
+  B, P = prompt_tokens.shape
+  logits, cache = qwen.prefill(cfg, params, prompt_tokens, prompt_mask, cache_len)
+  rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+  cache = qwen.KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid),
+                       index=cache.index)
+  tokens = jnp.full((B * n, cache_len), pad_id, jnp.int32).at[:, :P].set(rep(prompt_tokens))
+  zeros_b = jnp.zeros((B * n,), jnp.int32)
+  return DecodeState(
+      cache=cache, tokens=tokens,
+      gen_mask=jnp.zeros((B * n, cache_len), bool), forced_mask=jnp.zeros((B * n, cache_len), bool),
+      logp=jnp.zeros((B * n, cache_len), jnp.float32),
+      sampler_logp=jnp.zeros((B * n, cache_len), jnp.float32),
+      last_logits=rep(logits[:, -1].astype(jnp.float32)),
+      position=rep(prompt_mask.sum(-1).astype(jnp.int32)),
+      num_generated=zeros_b, max_new=max_new,
+      done=jnp.zeros((B * n,), bool), stopped=jnp.zeros((B * n,), bool),
+      truncated=jnp.zeros((B * n,), bool),
+      force_queue=jnp.full((B * n, queue_len), pad_id, jnp.int32),
+      force_len=zeros_b, force_ptr=zeros_b, key=key, prompt_len=P)
+
+
+def _state_axes(state_like: DecodeState):
+  """Logical axes for every DecodeState leaf: rows over the batch axes."""
+  def axes(x):
+    return ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
+  tree = jax.tree.map(axes, state_like)
+  return tree.replace(cache=qwen.cache_axes(), key=())
+
+
+_COMPILES = {"count": 0}
+
+
+def compile_count() -> int:
+  """Number of sampler programs traced in this process (log it per step)."""
+  return _COMPILES["count"]
+
+
+def _note_compile(what):
+  _COMPILES["count"] += 1
+  logging.info("Sampler: compiling %s (compile #%d)", what, _COMPILES["count"])
+
+
+# Module-level jits keyed by static args: every Sampler with the same model
+# config, mesh and shapes shares one compiled program.
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "n", "cache_len", "queue_len", "pad_id"))
+def _jit_prefill(params, prompt_tokens, prompt_mask, rng, max_new, *, cfg, mesh, n, cache_len,
+                 queue_len, pad_id):
+  _note_compile(f"prefill {prompt_tokens.shape} n={n} cache={cache_len}")
+  with sharding.use_mesh(mesh):
+    return _prefill(cfg, params, prompt_tokens, prompt_mask, rng, max_new, n=n,
+                    cache_len=cache_len, queue_len=queue_len, pad_id=pad_id)
+
+
+# Donating the state lets XLA update the KV cache in place.
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "stop_ids", "pad_id"),
+                   donate_argnames=("state",))
+def _jit_loop(params, state, num_steps, temperature, top_p, top_k, *, cfg, mesh, stop_ids, pad_id):
+  _note_compile(f"decode loop {state.tokens.shape}")
+  with sharding.use_mesh(mesh):
+    return _decode_loop(cfg, params, state, num_steps, jnp.asarray(stop_ids, jnp.int32), pad_id,
+                        temperature, top_p, top_k)
+
+
+class Sampler:
+  """Compiled rollout engine for one model config (and optional mesh).
+
+      sampler = Sampler(cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id, mesh=mesh)
+      out = sampler.generate(params, prompts, mask, n=8, max_new_tokens=1024, key=key)
+
+  Chunked use (multi-attempt episodes):
+      state = sampler.start(params, prompts, mask, n=..., max_new_tokens=..., key=...)
+      state = sampler.run(params, state, num_steps=64)
+      state = sampler.force(state, {row: feedback_ids})   # resumes those rows
+      state = sampler.run(params, state, num_steps=64)
+  """
+
+  def __init__(self, cfg: ModelConfig, stop_ids: Sequence[int] = (), pad_id: int = 0,
+               mesh=None, queue_len: int = 64):
+    self.cfg = cfg
+    self.stop_ids = tuple(int(t) for t in stop_ids) or (-1,)
+    self.pad_id = int(pad_id)
+    self.mesh = mesh
+    self.queue_len = queue_len
+    self._param_shardings = None
+    if mesh is not None:
+      from mars import models
+      self._param_shardings = models.param_shardings(cfg, mesh)
+
+  @property
+  def compile_count(self) -> int:
+    return compile_count()
+
+  def _state_shardings(self, abstract_state):
+    return sharding.tree_shardings(
+        self.mesh, _state_axes(abstract_state),
+        jax.tree.map(lambda x: tuple(x.shape), abstract_state))
+
+  def _place_params(self, params):
+    if self._param_shardings is None:
+      return params
+    return jax.device_put(params, self._param_shardings)  # no-op if already laid out so
+
+  def _place_state(self, state):
+    if self.mesh is None:
+      return state
+    return jax.device_put(state, self._state_shardings(state))
+
+  # -- public API -------------------------------------------------------------
+
+  def validate(self, prompt_tokens, prompt_mask, n, cache_len, sampling: SamplingParams):
+    sampling.validate()
+    prompt_mask = np.asarray(prompt_mask)
+    if prompt_mask.ndim != 2 or prompt_mask.shape[0] == 0:
+      raise ValueError("Sampler: prompts must be a non-empty [B, P] batch.")
+    empty = np.flatnonzero(~prompt_mask.any(-1))
+    if empty.size:
+      raise ValueError(f"Sampler: prompt row {int(empty[0])} is empty.")
+    P = prompt_mask.shape[1]
+    if P >= cache_len:
+      raise ValueError(f"Sampler: prompt length {P} does not fit the cache of length {cache_len} "
+                       "(it needs room for at least one new token).")
+    if self.mesh is not None:
+      sharding.check_batch(prompt_mask.shape[0], self.mesh, "prompt batch")
+      sharding.check_batch(prompt_mask.shape[0] * n, self.mesh, "rollout batch (prompts × n)")
+
+  def start(self, params, prompt_tokens, prompt_mask, *, key, n: int = 1, max_new_tokens=256,
+            cache_len: Optional[int] = None, sampling: SamplingParams = SamplingParams()):
+    """Prefills the prompts once and returns a DecodeState of B·n rows.
+
+    `max_new_tokens` is an int or a per-prompt-row [B·n] array (the
+    multi-attempt token budget); `cache_len` defaults to P + max_new_tokens
+    rounded up to a multiple of 128 (a handful of compiled shapes per run).
+    """
+    P = np.asarray(prompt_tokens).shape[1]
+    max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (np.asarray(prompt_tokens).shape[0] * n,))
+    if cache_len is None:
+      cache_len = -(-(P + int(max_new.max()) + 1) // 128) * 128
+    self.validate(prompt_tokens, prompt_mask, n, cache_len, sampling)
+    params = self._place_params(params)
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    if self.mesh is not None:
+      rows = sharding.batch_sharding(self.mesh)
+      prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), rows)
+    state = _jit_prefill(params, prompt_tokens, prompt_mask, key, jnp.asarray(max_new),
+                         cfg=self.cfg, mesh=self.mesh, n=n, cache_len=cache_len,
+                         queue_len=self.queue_len, pad_id=self.pad_id)
+    return self._place_state(state)
+
+  def run(self, params, state: DecodeState, num_steps: int,
+          sampling: SamplingParams = SamplingParams()) -> DecodeState:
+    """Continues decoding for up to `num_steps` tokens (one compiled loop)."""
+    sampling.validate()
+    return _jit_loop(self._place_params(params), state, jnp.int32(num_steps),
+                     *sampling.as_arrays(), cfg=self.cfg, mesh=self.mesh,
+                     stop_ids=self.stop_ids, pad_id=self.pad_id)
+
+  def force(self, state: DecodeState, queued: dict) -> DecodeState:
+    """Queues forced tokens for some rows ({row: [ids]}) and (re)activates them.
+
+    A row that was done (e.g. it emitted <|im_end|>) becomes active again: the
+    forced tokens enter the cache like any other token, are marked forced, and
+    carry no logprob; then the row resumes sampling.
+    """
+    if not queued:
+      return state
+    B = state.batch_size
+    queue = np.full((B, self.queue_len), self.pad_id, np.int32)
+    lengths = np.zeros((B,), np.int32)
+    rows = np.zeros((B,), bool)
+    for row, ids in queued.items():
+      if len(ids) > self.queue_len:
+        raise ValueError(f"Sampler.force: {len(ids)} forced tokens exceed queue_len={self.queue_len}.")
+      if not ids:
+        continue
+      queue[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+      rows[row] = True
+    rows_j = jnp.asarray(rows)
+    state = state.replace(
+        force_queue=jnp.where(rows_j[:, None], jnp.asarray(queue), state.force_queue),
+        force_len=jnp.where(rows_j, jnp.asarray(lengths), state.force_len),
+        force_ptr=jnp.where(rows_j, 0, state.force_ptr),
+        done=state.done & ~rows_j,
+        stopped=state.stopped & ~rows_j)
+    return self._place_state(state)
+
+  def finish(self, state: DecodeState, rows) -> DecodeState:
+    """Marks rows as done (the host decided their episode is over)."""
+    mask = np.zeros((state.batch_size,), bool)
+    mask[list(rows)] = True
+    return state.replace(done=state.done | jnp.asarray(mask))
+
+  def outputs(self, state: DecodeState) -> SampleOutput:
+    host = jax.device_get(state)
+    prompt_mask = np.zeros_like(host.gen_mask)
+    prompt_mask[:, :state.prompt_len] = np.asarray(host.cache.valid)[:, :state.prompt_len]
+    return SampleOutput(
+        tokens=np.asarray(host.tokens), prompt_mask=prompt_mask,
+        gen_mask=np.asarray(host.gen_mask), forced_mask=np.asarray(host.forced_mask),
+        logp=np.asarray(host.logp), sampler_logp=np.asarray(host.sampler_logp),
+        lengths=np.asarray(host.num_generated), truncated=np.asarray(host.truncated),
+        stopped=np.asarray(host.stopped), prompt_len=state.prompt_len)
+
+  def generate(self, params, prompt_tokens, prompt_mask, *, key, n: int = 1,
+               max_new_tokens: int = 256, sampling: SamplingParams = SamplingParams(),
+               cache_len: Optional[int] = None) -> SampleOutput:
+    """Prefill + decode to completion; one call, all on device."""
+    state = self.start(params, prompt_tokens, prompt_mask, key=key, n=n,
+                       max_new_tokens=max_new_tokens, cache_len=cache_len, sampling=sampling)
+    state = self.run(params, state, state.cache_len, sampling)
+    return self.outputs(state)

@@ -1,0 +1,69 @@
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus).
+
+All knobs are traced scalars, so changing them between calls never
+recompiles. The sort that top-k/top-p need is skipped (lax.cond) when both
+are off, which is the RL default (temperature 1, full distribution).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  temperature: float = 1.0   # 0 means greedy.
+  top_p: float = 1.0         # in (0, 1]; 1 disables.
+  top_k: int = 0             # 0 disables.
+
+  def validate(self):
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+    return self
+
+  def as_arrays(self):
+    return (jnp.float32(self.temperature), jnp.float32(self.top_p), jnp.int32(self.top_k))
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def filter_logits(scaled, top_p, top_k):
+  """Masks logits outside the top-k set and outside the top-p nucleus to -inf.
+
+  Nucleus: the smallest prefix of tokens (by probability) whose mass reaches
+  top_p; a token is kept if the mass *before* it is still < top_p, so at least
+  one token always survives (same rule as HF's TopPLogitsWarper).
+  """
+  vocab = scaled.shape[-1]
+  sorted_desc = -jnp.sort(-scaled, axis=-1)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, scaled.shape[:-1])[..., None], -1)
+  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = mass_before < top_p
+  # Lowest logit still inside the nucleus.
+  pth = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+  threshold = jnp.maximum(kth, pth)
+  return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def select_tokens(logits, key, temperature, top_p, top_k):
+  """Picks one token per row; returns (tokens [B], sampler-distribution logp [B]).
+
+  The *policy* logprob (temperature 1, unfiltered) is computed by the caller:
+  PPO ratios need the unmodified distribution, not this one.
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = temperature <= 0.0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)
+  needs_filter = (top_p < 1.0) | (top_k > 0)
+  scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s, scaled)
+  sampled = jax.random.categorical(key, scaled, axis=-1)
+  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+  sampler_logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tokens[:, None], -1)[:, 0]
+  return tokens, jnp.where(greedy, 0.0, sampler_logp)
