@@ -321,6 +321,34 @@ class Sampler:
         stopped=state.stopped & ~rows_j)
     return self._place_state(state)
 
+  def rewind(self, state: DecodeState, keep_until: dict) -> DecodeState:
+    """Drops each row's tokens from column `keep_until[row]` on ({row: col}).
+
+    Used when an attempt ends mid-chunk (a box closed at column c-1): tokens
+    the model wrote after it leave the transcript. Their cache slots are
+    marked invalid (masked from attention forever), the row's RoPE position
+    returns to its count of kept tokens, and the dropped sampled tokens are
+    refunded to the budget. The next token is written at the shared cache
+    index, so the KV state equals a fresh prefill of the kept transcript.
+    """
+    if not keep_until:
+      return state
+    B, S = state.tokens.shape
+    cut = np.full((B,), S, np.int32)
+    for row, col in keep_until.items():
+      cut[row] = col
+    drop = jnp.arange(S)[None, :] >= jnp.asarray(cut)[:, None]
+    valid = state.cache.valid & ~drop
+    gen_mask = state.gen_mask & ~drop
+    state = state.replace(
+        cache=state.cache._replace(valid=valid),
+        tokens=jnp.where(drop & (state.gen_mask | state.forced_mask), self.pad_id, state.tokens),
+        gen_mask=gen_mask, forced_mask=state.forced_mask & ~drop,
+        logp=jnp.where(drop, 0.0, state.logp), sampler_logp=jnp.where(drop, 0.0, state.sampler_logp),
+        position=valid.sum(-1).astype(jnp.int32),
+        num_generated=gen_mask.sum(-1).astype(jnp.int32))
+    return self._place_state(state)
+
   def finish(self, state: DecodeState, rows) -> DecodeState:
     """Marks rows as done (the host decided their episode is over)."""
     mask = np.zeros((state.batch_size,), bool)

@@ -1,0 +1,1 @@
+"""Episodes: single-turn groups, multi-attempt episodes, LTE hinted rollouts."""

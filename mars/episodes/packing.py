@@ -1,0 +1,116 @@
+"""Token surgery: ragged episode rows <-> the padded RolloutBatch layout.
+
+Every producer (single-turn GRPO, multi-attempt episodes, LTE) describes its
+rows as `Row`s: real prompt ids, then the response (model tokens and injected
+feedback tokens, in order). `pack` lays them out as the RolloutBatch contract
+says: prompts left-padded to end at one column, responses right-padded after
+it, positions counting real tokens. Re-attaching an LTE response to its
+unhinted prompt is just `dataclasses.replace(row, prompt=unhinted_ids)`.
+"""
+import dataclasses
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from mars.batch import RolloutBatch
+from mars.tokenizer import bucket_length
+
+
+@dataclasses.dataclass
+class Row:
+  prompt: np.ndarray                 # [p] int32 real prompt ids
+  response: np.ndarray               # [r] int32 model + injected tokens, in order
+  is_model: np.ndarray               # [r] bool: sampled by the policy (trained)
+  behaviour_logp: np.ndarray         # [r] f32: sampling-time policy logp (0 on injected)
+  reward: float = 0.0
+  group_id: int = 0
+  off_policy: bool = False
+  truncated: bool = False
+
+  @property
+  def is_injected(self) -> np.ndarray:
+    return ~self.is_model
+
+  def __post_init__(self):
+    self.prompt = np.asarray(self.prompt, np.int32)
+    self.response = np.asarray(self.response, np.int32)
+    self.is_model = np.asarray(self.is_model, bool)
+    self.behaviour_logp = np.asarray(self.behaviour_logp, np.float32)
+    if not (len(self.response) == len(self.is_model) == len(self.behaviour_logp)):
+      raise ValueError("Row: response, is_model and behaviour_logp differ in length.")
+
+
+def rows_from_output(out, prompt_mask: Optional[np.ndarray] = None) -> List[Row]:
+  """Compacts a sampler output ([B, S] slot-aligned buffers) into Rows.
+
+  Gaps (columns where a row was paused or rewound) are dropped: only sampled
+  and forced tokens, in column order, form the response.
+  """
+  rows = []
+  prompt_mask = out.prompt_mask if prompt_mask is None else prompt_mask
+  for b in range(out.tokens.shape[0]):
+    keep = out.gen_mask[b] | out.forced_mask[b]
+    rows.append(Row(prompt=out.tokens[b][prompt_mask[b].astype(bool)],
+                    response=out.tokens[b][keep], is_model=out.gen_mask[b][keep],
+                    behaviour_logp=out.logp[b][keep], truncated=bool(out.truncated[b])))
+  return rows
+
+
+def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
+         total_len: Optional[int] = None, min_bucket: int = 16) -> RolloutBatch:
+  """Lays rows out as a host (numpy) RolloutBatch, lengths bucketed to powers of 2."""
+  if not rows:
+    raise ValueError("pack: no rows.")
+  P = prompt_len or bucket_length(max(len(r.prompt) for r in rows), min_bucket)
+  R = max(len(r.response) for r in rows)
+  T = total_len or P + bucket_length(max(R, 1), min_bucket)
+  if max(len(r.prompt) for r in rows) > P or P + R > T:
+    raise ValueError(f"pack: rows need prompt {max(len(r.prompt) for r in rows)} and total "
+                     f"{P + R}, more than the requested {P} / {T}.")
+  B = len(rows)
+  tokens = np.full((B, T), pad_id, np.int32)
+  attn = np.zeros((B, T), bool)
+  loss = np.zeros((B, T), bool)
+  transparent = np.zeros((B, T), bool)
+  blogp = np.zeros((B, T), np.float32)
+  for b, r in enumerate(rows):
+    p, n = len(r.prompt), len(r.response)
+    tokens[b, P - p:P] = r.prompt
+    tokens[b, P:P + n] = r.response
+    attn[b, P - p:P + n] = True
+    loss[b, P:P + n] = r.is_model
+    transparent[b, P:P + n] = ~r.is_model
+    blogp[b, P:P + n] = np.where(r.is_model, r.behaviour_logp, 0.0)
+  positions = np.maximum(np.cumsum(attn, -1) - 1, 0).astype(np.int32)
+  zeros = np.zeros((B, T), np.float32)
+  return RolloutBatch(
+      tokens=tokens, attention_mask=attn, positions=positions, loss_mask=loss,
+      transparent_mask=transparent, behaviour_logp=blogp, old_logp=zeros,
+      ref_logp=zeros.copy(), values=zeros.copy(),
+      reward=np.asarray([r.reward for r in rows], np.float32),
+      group_id=np.asarray([r.group_id for r in rows], np.int32),
+      is_off_policy=np.asarray([r.off_policy for r in rows], bool),
+      truncated=np.asarray([r.truncated for r in rows], bool))
+
+
+def prompt_columns(batch: RolloutBatch) -> int:
+  """Column where responses start (= the packed prompt length P)."""
+  resp = batch.loss_mask | batch.transparent_mask
+  first = np.argmax(resp, axis=1)
+  has = resp.any(1)
+  return int(first[has].min()) if has.any() else batch.tokens.shape[1]
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+  """What every rollout producer hands the trainer.
+
+  rows: the ragged rows (before packing), batch: `pack(rows)` as a host
+  RolloutBatch, meta: one dict per row (problem id, attempts used, success
+  attempt, extracted answers, grades, hinted prompt, ...), metrics: scalars
+  to log (success@k, all-fail fraction, ...).
+  """
+  rows: List[Row]
+  batch: RolloutBatch
+  meta: List[dict]
+  metrics: dict
