@@ -1,0 +1,39 @@
+"""GRPO on Qwen3-4B-Base: the baseline of "Learning to Reason from Trial and Error" (LTE).
+
+From the paper / issue: G=8, temperature 1.0, max response 8192 tokens,
+lr 1e-6 constant, 128 prompts per step, no KL, binary reward.
+Assumptions: minibatch 512 rows (2 updates per step), micro-batch 8, clip
+0.2/0.28 clip-higher off (0.2/0.2), token-mean loss, bf16 + remat, training
+prompts from SimpleRL MATH L3–5, 300 steps.
+"""
+from mars import config as mars_config
+
+
+def get_config():
+  c = mars_config.default_config()
+  c.seed = 2
+  c.algorithm = "grpo"
+  c.model.path = "Qwen/Qwen3-4B-Base"
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.data.name = "simplerl_math_l3to5"
+  c.data.prompts_per_step = 128
+  c.rollout.group_size = 8
+  c.rollout.temperature = 1.0
+  c.rollout.max_new_tokens = 8192
+  c.episode.kind = "single_turn"
+  c.rl.adv_estimator = "grpo"
+  c.rl.kl_coef = 0.0
+  c.rl.entropy_coef = 0.0
+  c.rl.minibatch_size = 512
+  c.rl.micro_batch_size = 8
+  c.rl.agg_mode = "token-mean"
+  c.actor_optim.lr = 1e-6
+  c.actor_optim.schedule = "constant"
+  c.train.steps = 300
+  c.train.ckpt_every = 20
+  c.train.eval_every = 50
+  c.eval.benchmarks = "math500,aime24,aime25,amc23,minerva_math,olympiadbench"
+  c.eval.mode = "passk"
+  c.eval.n = 16
+  return c

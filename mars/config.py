@@ -1,0 +1,187 @@
+"""Default run config and its validation (clear errors before any compile).
+
+Experiment configs in configs/*.py start from `default_config()` and override
+what they change, so every field below is documented once, here.
+"""
+import ml_collections
+
+ALGORITHMS = ("ppo", "grpo", "dapo")
+EPISODE_KINDS = ("single_turn", "multi_attempt")
+ADV_ESTIMATORS = ("gae", "grpo", "rloo", "drgrpo")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.algorithm = "grpo"            # ppo (critic + GAE) | grpo | dapo
+  c.mesh_shape = (1, -1, 1)       # (data, fsdp, tensor); -1 = the rest
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""               # local HF dir or hub id; "" = the demo's tiny model
+  c.model.dtype = "float32"       # param dtype
+  c.model.compute_dtype = ""      # "" = same as dtype
+  c.model.remat = False
+  c.model.tokenizer_path = ""     # "" = model.path (or the demo tokenizer)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "simplerl_math_l3to5"  # TFDS builder name, or "candidates" (demo)
+  c.data.split = "train"
+  c.data.data_dir = ""            # "" = $MARS_DATA_DIR (offline files) or download
+  c.data.prompts_per_step = 128
+  c.data.candidates_k = 3         # demo task: candidates per problem
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.group_size = 8        # G samples (or episodes) per prompt
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+  c.rollout.max_new_tokens = 1024
+  c.rollout.reward_correct = 1.0  # single-turn rewards (binary by default)
+  c.rollout.reward_wrong = 0.0
+
+  c.episode = ml_collections.ConfigDict()
+  c.episode.kind = "single_turn"  # single_turn | multi_attempt
+  c.episode.min_attempts = 1
+  c.episode.max_attempts = 5
+  c.episode.chunk_tokens = 64
+  c.episode.budget = 3000         # generated tokens shared by all attempts
+  c.episode.attempt_end = "boxed"  # boxed | eos
+  c.episode.reward_correct = 1.0
+  c.episode.reward_wrong = -0.5
+  c.episode.reward_no_answer = -1.0
+  c.episode.attempt_discount = 1.0
+
+  c.lte = ml_collections.ConfigDict()
+  c.lte.enabled = False
+  c.lte.hint_cap = 8
+  c.lte.hint_source = "wrong_answers"  # wrong_answers | none
+  c.lte.episode = "single_turn"        # single_turn | multi_attempt
+  c.lte.replace_seed = 0
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.adv_estimator = "grpo"     # gae | grpo | rloo | drgrpo
+  c.rl.gamma = 1.0
+  c.rl.lam = 1.0
+  c.rl.whiten = False
+  c.rl.eps_low = 0.2
+  c.rl.eps_high = 0.2
+  c.rl.dual_clip_c = ml_collections.FieldReference(None, field_type=float)
+  c.rl.offpolicy_gamma = 0.1
+  c.rl.offpolicy_behaviour_one = False
+  c.rl.agg_mode = "token-mean"
+  c.rl.max_len_norm = ml_collections.FieldReference(None, field_type=int)
+  c.rl.kl_coef = 0.0
+  c.rl.kl_kind = "k3"
+  c.rl.kl_in_reward = False       # True: -kl_coef*KL per token in the reward instead of a loss
+  c.rl.entropy_coef = 0.0
+  c.rl.value_clip = 0.2
+  c.rl.vf_coef = 1.0
+  c.rl.ppo_epochs = 1
+  c.rl.minibatch_size = 0         # rows per optimizer update; 0 = the whole rollout batch
+  c.rl.micro_batch_size = 0       # rows per gradient-accumulation step; 0 = minibatch
+  c.rl.dynamic_sampling = False   # DAPO: drop all-equal groups, resample until full
+  c.rl.max_resample_rounds = 3
+  c.rl.overlong_buffer = 0        # DAPO overlong shaping buffer (tokens); 0 = off
+
+  c.actor_optim = _optim(lr=1e-6)
+  c.critic_optim = _optim(lr=1e-5)
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.steps = 0                 # supervised format warm start (demo)
+  c.sft.batch_size = 32
+  c.sft.lr = 3e-3
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.ckpt_every = 10
+  c.train.keep = 3
+  c.train.async_checkpoint = True
+  c.train.grader_workers = 2
+  c.train.grader_timeout_s = 5.0
+  c.train.eval_every = 0          # 0 = no periodic eval
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.benchmarks = "math500"
+  c.eval.mode = "attempts"
+  c.eval.max_attempts = 4
+  c.eval.limit = 64
+  c.eval.n = 1
+  return c
+
+
+def _optim(lr):
+  o = ml_collections.ConfigDict()
+  o.lr = lr
+  o.schedule = "constant"        # constant | cosine (warmup + cosine to min_lr_ratio)
+  o.warmup_steps = 0
+  o.total_steps = 0              # 0 = train.steps × updates per step
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  o.grad_clip = 1.0
+  return o
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; raised before anything compiles."""
+
+
+def validate(c, num_devices: int = None) -> None:
+  """One clear error line per problem, before any compile."""
+  import math
+  if c.algorithm not in ALGORITHMS:
+    raise ConfigError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
+  if c.episode.kind not in EPISODE_KINDS:
+    raise ConfigError(f"Unknown episode.kind {c.episode.kind!r}; choose one of {EPISODE_KINDS}.")
+  if c.rl.adv_estimator not in ADV_ESTIMATORS:
+    raise ConfigError(f"Unknown rl.adv_estimator {c.rl.adv_estimator!r}; choose one of "
+                      f"{ADV_ESTIMATORS}.")
+  if c.algorithm == "ppo" and c.rl.adv_estimator != "gae":
+    raise ConfigError("algorithm 'ppo' needs rl.adv_estimator='gae' (it trains a critic).")
+  if c.algorithm != "ppo" and c.rl.adv_estimator == "gae":
+    raise ConfigError(f"rl.adv_estimator='gae' needs a critic: use algorithm='ppo', not "
+                      f"{c.algorithm!r}.")
+  if c.episode.max_attempts < c.episode.min_attempts:
+    raise ConfigError(f"episode.max_attempts={c.episode.max_attempts} < "
+                      f"episode.min_attempts={c.episode.min_attempts}.")
+  if c.episode.min_attempts < 1:
+    raise ConfigError(f"episode.min_attempts must be >= 1, got {c.episode.min_attempts}.")
+  if c.lte.enabled and c.algorithm == "ppo":
+    raise ConfigError("LTE works over GRPO groups: set algorithm='grpo' (or 'dapo') with lte.")
+  G = c.rollout.group_size
+  if G < 1:
+    raise ConfigError(f"rollout.group_size must be >= 1, got {G}.")
+  if c.algorithm != "ppo" and G < 2:
+    raise ConfigError(f"{c.algorithm} needs rollout.group_size >= 2 (group-relative "
+                      f"advantages), got {G}.")
+  rows = c.data.prompts_per_step * G
+  mb = c.rl.minibatch_size or rows
+  if rows % mb:
+    raise ConfigError(f"rollout batch of {rows} rows (prompts_per_step × group_size) is not "
+                      f"divisible by rl.minibatch_size={mb}.")
+  if c.algorithm != "ppo" and mb % G:
+    raise ConfigError(f"rl.minibatch_size={mb} must be a multiple of rollout.group_size={G}.")
+  micro = c.rl.micro_batch_size or mb
+  if mb % micro:
+    raise ConfigError(f"rl.minibatch_size={mb} is not divisible by rl.micro_batch_size={micro}.")
+  if num_devices is not None:
+    shape = list(c.mesh_shape)
+    if -1 in shape:
+      known = math.prod(s for s in shape if s != -1)
+      if num_devices % known:
+        raise ConfigError(f"mesh_shape {tuple(shape)} does not divide {num_devices} devices.")
+      shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+      raise ConfigError(f"mesh_shape {tuple(c.mesh_shape)} needs {math.prod(shape)} devices; "
+                        f"{num_devices} are available.")
+    data = shape[0] * shape[1]
+    for what, n in (("prompts_per_step", c.data.prompts_per_step), ("micro-batch", micro)):
+      if n % data:
+        raise ConfigError(f"{what}={n} is not divisible by the data×fsdp mesh size {data} "
+                          f"(mesh_shape {tuple(shape)}).")
+  if not 0 < c.rollout.top_p <= 1:
+    raise ConfigError(f"rollout.top_p must be in (0, 1], got {c.rollout.top_p}.")
+  if c.train.steps < 1:
+    raise ConfigError(f"train.steps must be >= 1, got {c.train.steps}.")

@@ -1,0 +1,515 @@
+r"""The RL training loop: python -m mars.train --config=configs/lte_4b.py --workdir=DIR.
+
+One loop, several modes (config.algorithm × episode.kind × lte.enabled):
+  1. prompts from the seeded, resumable pipeline (TFDS, or the demo task);
+  2. rollouts: single-turn groups, LTE (hinted extra rollouts for all-fail
+     groups), or multi-attempt episodes (feedback turns as forced tokens);
+     grading happens inside, in the worker pool, once per chunk;
+  3. old/ref logprobs and critic values, recomputed jitted and sharded;
+  4. advantages: GAE with transparent feedback spans (PPO) or group-relative;
+  5. PPO epochs of minibatch updates (jitted, sharded, grad accumulation);
+  6. metrics (metrics.jsonl, TensorBoard, console), periodic eval;
+  7. orbax checkpoints; the same --workdir resumes exactly.
+
+Step keys are fold_in(seed_key, step), so a resumed run draws the same
+randomness as an uninterrupted one.
+"""
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_DEFAULT_CONFIG = os.path.join(_REPO_CONFIGS, "tiny.py")
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment config (.py with get_config()).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (default: a fresh ./runs/<time>). "
+                      "An existing workdir with checkpoints is resumed.")
+  flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this process "
+                       "(testing resume); the config's train.steps is the schedule length.")
+
+
+def _lazy_imports():
+  global jax, jnp, np, mars_config, sharding, checkpoint, metrics_lib, models, sampling
+  global packing, step_lib, optim, critic_lib, advantages, distributed
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mars import config as mars_config
+  from mars import sharding, checkpoint, distributed
+  from mars import metrics as metrics_lib
+  from mars import models, sampling
+  from mars.episodes import packing
+  from mars.rl import step as step_lib, optim, critic as critic_lib, advantages
+
+
+# ----------------------------------------------------------------------------
+# Setup.
+
+@dataclasses.dataclass
+class Run:
+  config: object
+  workdir: str
+  mesh: object
+  tokenizer: object
+  model_cfg: object
+  sampler: object
+  state: object                 # rl.step.TrainState
+  ref_params: object
+  state_shardings: object
+  train_step: Callable
+  pipeline: object
+  grade_fn: Callable
+  base_key: object
+  start_step: int
+  writer: object
+  ckpt: object
+  close: Callable
+
+
+def load_policy(config, workdir: str, mesh):
+  """(tokenizer, model config, params, from_hf) for the configured model."""
+  from mars import tokenizer as tok_lib
+  dtype = config.model.dtype
+  compute = config.model.compute_dtype or dtype
+  if config.model.path:
+    model_cfg, params = models.load_hf(config.model.path, dtype=dtype, mesh=mesh,
+                                       compute_dtype=compute, remat=config.model.remat)
+    tok_path = config.model.tokenizer_path or models.resolve_model_dir(config.model.path)
+    return tok_lib.load_tokenizer(tok_path), model_cfg, params, True
+  # The embedded demo: a tokenizer we build, a tiny Qwen3, a format-only warm start.
+  from mars import demo_task
+  tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
+  tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
+  model_cfg = demo_task.tiny_model_config(tokenizer.vocab_size).replace(
+      param_dtype=dtype, dtype=compute, remat=config.model.remat)
+  params = models.init_params(model_cfg, jax.random.key(config.seed))
+  return tokenizer, model_cfg, params, False
+
+
+def warm_start(config, model_cfg, params, tokenizer, mesh):
+  """Optional supervised format warm start (see mars/sft.py); deterministic."""
+  if not config.sft.steps:
+    return params
+  from mars import demo_task, sft
+  task = make_source(config)
+  examples = demo_task.format_examples(task, config.sft.steps * config.sft.batch_size,
+                                       np.random.default_rng(config.seed))
+  params, history = sft.sft_train(model_cfg, params, tokenizer, examples, steps=config.sft.steps,
+                                  batch_size=config.sft.batch_size, lr=config.sft.lr,
+                                  seed=config.seed, mesh=mesh)
+  logging.info("SFT warm start: %d steps, final loss %.3f", config.sft.steps,
+               history[-1]["loss"] if history else float("nan"))
+  return params
+
+
+def make_source(config, split: Optional[str] = None, seed_offset: int = 0):
+  if config.data.name == "candidates":
+    from mars import demo_task
+    return demo_task.CandidateTask(k=config.data.candidates_k, seed=config.seed + seed_offset)
+  from mars import data
+  return data.load_source(config.data.name, split or config.data.split,
+                          data_dir=config.data.data_dir or None)
+
+
+def make_grade_fn(config):
+  """Grading in the worker pool (hard timeouts); returns (grade_fn, close)."""
+  from mars import rewards
+  pool = rewards.GraderPool(num_workers=config.train.grader_workers,
+                            timeout_s=config.train.grader_timeout_s)
+  return pool.grade_batch, pool.close
+
+
+def _updates_per_step(config) -> int:
+  rows = config.data.prompts_per_step * config.rollout.group_size
+  return config.rl.ppo_epochs * (rows // (config.rl.minibatch_size or rows))
+
+
+def _optim_cfg(opt_cfg, config):
+  o = opt_cfg.to_dict() if hasattr(opt_cfg, "to_dict") else dict(opt_cfg)
+  o["total_steps"] = o.get("total_steps") or config.train.steps * _updates_per_step(config)
+  return o
+
+
+def _rl_cfg(config) -> dict:
+  r = config.rl.to_dict()
+  r["micro_batch_size"] = r.get("micro_batch_size") or None
+  if config.rl.kl_in_reward:
+    r["kl_coef"] = 0.0  # the KL enters the reward, not the loss
+  return r
+
+
+def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
+  _lazy_imports()
+  distributed.maybe_initialize()
+  mars_config.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  tokenizer, model_cfg, params, from_hf = load_policy(config, workdir, mesh)
+  sharding.check_heads(model_cfg.num_heads, mesh)
+
+  policy_opt = optim.make_optimizer(_optim_cfg(config.actor_optim, config))
+  critic_opt = (optim.make_optimizer(_optim_cfg(config.critic_optim, config))
+                if config.algorithm == "ppo" else None)
+  state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  needs_ref = config.rl.kl_coef > 0
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
+                                 async_save=config.train.async_checkpoint)
+  base_key = jax.random.key(config.seed)
+
+  def fresh_state(params):
+    params = warm_start(config, model_cfg, params, tokenizer, mesh)
+    params = jax.device_put(params, state_sh.params)
+    critic = (critic_lib.init_critic(params, model_cfg, jax.random.fold_in(base_key, 1))
+              if critic_opt is not None else None)
+    ref = jax.tree.map(jnp.copy, params) if needs_ref else None
+    state = step_lib.init_train_state(params, policy_opt, critic, critic_opt)
+    return jax.device_put(state, state_sh), ref
+
+  pipeline_source = make_source(config)
+  from mars import data as data_lib
+  pipeline = data_lib.PromptPipeline(
+      pipeline_source, config.data.prompts_per_step, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  start_step = 0
+  latest = ckpt.latest_step()
+  if latest is None:
+    state, ref = fresh_state(params)
+  else:
+    abstract = {"train": jax.eval_shape(lambda: fresh_state_abstract(model_cfg, policy_opt, critic_opt))}
+    abstract["train"] = checkpoint.abstract_like(abstract["train"], state_sh)
+    if needs_ref and not from_hf:
+      abstract["ref"] = checkpoint.abstract_like(abstract["train"].params, state_sh.params)
+    start_step, restored, meta = ckpt.restore(abstract)
+    state = restored["train"]
+    ref = restored.get("ref")
+    if needs_ref and from_hf:
+      ref = jax.device_put(params, state_sh.params)  # the reference is the HF checkpoint
+    pipeline.set_state(meta["pipeline"])
+    base_key = checkpoint.key_from_json(meta["key"])
+    logging.info("Resumed from step %d in %s", start_step, workdir)
+  del params
+
+  writer = metrics_lib.MetricsWriter(workdir, config.train.steps,
+                                     enabled=distributed.is_main_process())
+  writer.truncate_after(start_step)
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  close_grader = lambda: None
+  if grade_fn is None:
+    grade_fn, close_grader = make_grade_fn(config)
+  sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                             mesh=mesh, queue_len=128)
+  train_step = step_lib.make_train_step(model_cfg, _rl_cfg(config), policy_opt, critic_opt, mesh,
+                                        state_sh)
+
+  def close():
+    ckpt.close()
+    writer.close()
+    close_grader()
+
+  return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
+             sampler=sampler, state=state, ref_params=ref, state_shardings=state_sh,
+             train_step=train_step, pipeline=pipeline, grade_fn=grade_fn, base_key=base_key,
+             start_step=start_step, writer=writer, ckpt=ckpt, close=close)
+
+
+def fresh_state_abstract(model_cfg, policy_opt, critic_opt):
+  params = models.init_params(model_cfg, jax.random.key(0))
+  critic = critic_lib.init_critic(params, model_cfg, jax.random.key(0)) if critic_opt else None
+  return step_lib.init_train_state(params, policy_opt, critic, critic_opt)
+
+
+def load_params_from_workdir(workdir: str, step: Optional[int] = None, mesh=None):
+  """(tokenizer, model config, policy params, step) from a run's latest (or given) checkpoint.
+
+  Used by mars.evaluate and mars.export; reads the run's saved config.json.
+  """
+  _lazy_imports()
+  import ml_collections
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{workdir} is not a mars run directory (no config.json).")
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mesh = mesh or sharding.make_mesh((1, -1, 1))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
+                                 async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints.")
+  tokenizer, model_cfg, _, from_hf = load_policy_abstract(config, workdir)
+  policy_opt = optim.make_optimizer(_optim_cfg(config.actor_optim, config))
+  critic_opt = (optim.make_optimizer(_optim_cfg(config.critic_optim, config))
+                if config.algorithm == "ppo" else None)
+  state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  abstract = {"train": checkpoint.abstract_like(
+      jax.eval_shape(lambda: fresh_state_abstract(model_cfg, policy_opt, critic_opt)), state_sh)}
+  if config.rl.kl_coef > 0 and not from_hf:
+    abstract["ref"] = abstract["train"].params
+  restored_step, restored, _ = ckpt.restore(abstract, step)
+  ckpt.close()
+  return tokenizer, model_cfg, restored["train"].params, restored_step
+
+
+def load_policy_abstract(config, workdir: str):
+  """Tokenizer and model config of a run, without loading any weights."""
+  from mars import tokenizer as tok_lib
+  dtype = config.model.dtype
+  compute = config.model.compute_dtype or dtype
+  if config.model.path:
+    model_dir = models.resolve_model_dir(config.model.path)
+    model_cfg = models.load_config(model_dir, param_dtype=dtype, dtype=compute,
+                                   remat=config.model.remat)
+    return tok_lib.load_tokenizer(config.model.tokenizer_path or model_dir), model_cfg, None, True
+  from mars import demo_task
+  tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
+  tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
+  model_cfg = demo_task.tiny_model_config(tokenizer.vocab_size).replace(
+      param_dtype=dtype, dtype=compute, remat=config.model.remat)
+  return tokenizer, model_cfg, None, False
+
+
+# ----------------------------------------------------------------------------
+# One step.
+
+def rollout(run: Run, problems, key, step: int):
+  """Rollouts of the configured kind -> EpisodeResult."""
+  c = run.config
+  common = dict(key=key, grade_fn=run.grade_fn)
+  if c.episode.kind == "multi_attempt":
+    from mars.episodes import multi_attempt
+    cfg = episode_cfg(c)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
+    n = multi_attempt.draw_num_attempts(rng, len(problems) * c.rollout.group_size, cfg)
+    single = c.episode.max_attempts == 1
+    if c.lte.enabled:
+      from mars.episodes import lte
+      return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=cfg,
+                         lte_cfg=c.lte, **common)
+    return multi_attempt.rollout(run.sampler, run.state.params, run.tokenizer, problems,
+                                 cfg=cfg, num_attempts=list(n), group_size=c.rollout.group_size,
+                                 single_turn=single, **common)
+  if c.lte.enabled:
+    from mars.episodes import lte
+    return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=c.rollout,
+                       lte_cfg=c.lte, **common)
+  from mars.episodes import single_turn
+  return single_turn.rollout(run.sampler, run.state.params, run.tokenizer, problems,
+                             cfg=c.rollout, **common)
+
+
+def episode_cfg(c):
+  """Multi-attempt episode settings: config.episode plus the sampling knobs."""
+  import ml_collections
+  cfg = ml_collections.ConfigDict(c.episode.to_dict())
+  for k in ("temperature", "top_p", "top_k", "group_size"):
+    cfg[k] = c.rollout[k]
+  return cfg
+
+
+def _advantages_fn(rl_cfg: dict, num_groups: int):
+  est = rl_cfg["adv_estimator"]
+
+  def fn(batch):
+    if est == "gae":
+      kl = None
+      if rl_cfg["kl_in_reward"] and rl_cfg["kl_coef"] > 0:
+        kl = losses_lib().kl_penalty(batch.old_logp, batch.ref_logp, rl_cfg["kl_kind"])
+      rewards_tok = advantages.token_rewards(batch.reward, batch.loss_mask, kl,
+                                             rl_cfg["kl_coef"] if kl is not None else 0.0)
+      adv, ret = advantages.gae(rewards_tok, batch.values, batch.loss_mask,
+                                batch.transparent_mask, rl_cfg["gamma"], rl_cfg["lam"])
+    else:
+      seq = advantages.grpo_advantages(
+          batch.reward, batch.group_id, num_groups,
+          scale="none" if est == "drgrpo" else "std",
+          estimator="rloo" if est == "rloo" else "grpo")
+      adv = advantages.broadcast_to_tokens(seq, batch.loss_mask)
+      ret = jnp.zeros_like(adv)
+    if rl_cfg["whiten"]:
+      adv = advantages.whiten_advantages(adv, batch.loss_mask)
+    return adv, ret
+
+  return jax.jit(fn)
+
+
+def losses_lib():
+  from mars.rl import losses
+  return losses
+
+
+def prepare_batch(run: Run, host_batch):
+  """Device batch with old/ref logprobs and values filled in."""
+  c = run.config
+  batch = jax.device_put(host_batch, step_lib.batch_shardings(run.mesh))
+  micro = c.rl.micro_batch_size or None
+  recomputed = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
+                                         micro_batch_size=micro, mesh=run.mesh)
+  # Off-policy (LTE) rows: the ratio's denominator is the behaviour logprob
+  # under the *hinted* prompt; the numerator is recomputed on the unhinted one.
+  old_logp = jnp.where(batch.is_off_policy[:, None], batch.behaviour_logp, recomputed)
+  ref_logp = (step_lib.compute_logprobs(run.model_cfg, run.ref_params, batch,
+                                        micro_batch_size=micro, mesh=run.mesh)
+              if run.ref_params is not None else jnp.zeros_like(recomputed))
+  values = (step_lib.compute_values(run.model_cfg, run.state.critic_params, batch,
+                                    micro_batch_size=micro, mesh=run.mesh)
+            if run.state.critic_params is not None else jnp.zeros_like(recomputed))
+  return batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values), recomputed
+
+
+def train_one_step(run: Run, step: int, adv_fn) -> dict:
+  c = run.config
+  key = jax.random.fold_in(run.base_key, step)
+  k_roll, k_ppo = jax.random.split(key)
+  t0 = time.perf_counter()
+  problems = run.pipeline.next_batch()
+  result = rollout(run, problems, k_roll, step)
+  result = maybe_dynamic_sampling(run, result, k_roll)
+  t1 = time.perf_counter()
+  batch, recomputed = prepare_batch(run, result.batch)
+  adv, ret = adv_fn(batch)
+  jax.block_until_ready(adv)
+  t2 = time.perf_counter()
+  rows = batch.tokens.shape[0]
+  run.state, update_metrics = step_lib.ppo_epochs(
+      run.train_step, run.state, batch, adv, ret, c.rl.ppo_epochs,
+      c.rl.minibatch_size or rows, k_ppo)
+  t3 = time.perf_counter()
+  m = dict(result.metrics)
+  m.update({f"loss/{k}" if k in ("loss", "pg_loss", "vf_loss") else k: v
+            for k, v in update_metrics.items()})
+  lm = np.asarray(host_mask(result.batch.loss_mask))
+  behaviour = np.asarray(result.batch.behaviour_logp)
+  on = lm & ~np.asarray(result.batch.is_off_policy)[:, None]
+  if on.any():  # sampler vs trainer logprob mismatch on on-policy tokens (should be ~0)
+    m["logp_mismatch/max"] = float(np.abs(np.asarray(recomputed) - behaviour)[on].max())
+  m.update({
+      "reward/mean": float(np.mean(result.batch.reward)),
+      "response_length/mean": float(lm.sum(-1).mean()),
+      "time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2,
+      "time/step_s": t3 - t0, "compile_count/sampler": sampling.compile_count(),
+  })
+  if "time/grade_s" in result.metrics:
+    m["time/generate_s"] = m["time/rollout_s"] - result.metrics["time/grade_s"]
+  return m
+
+
+def host_mask(x):
+  return np.asarray(x).astype(bool)
+
+
+def maybe_dynamic_sampling(run: Run, result, key):
+  """DAPO dynamic sampling: drop groups whose rewards are all equal, draw more
+  prompts until the step has `prompts_per_step` informative groups (or the
+  round limit is hit; then dropped groups refill the batch, contributing zero
+  advantage)."""
+  c = run.config
+  if not c.rl.dynamic_sampling:
+    return result
+  G, target = c.rollout.group_size, c.data.prompts_per_step
+  kept, dropped = [], []
+
+  def split_groups(res):
+    rewards = np.asarray(res.batch.reward)
+    for g in range(len(res.rows) // G):
+      rows = res.rows[g * G:(g + 1) * G]
+      (kept if np.ptp(rewards[g * G:(g + 1) * G]) > 0 else dropped).append(
+          (rows, res.meta[g * G:(g + 1) * G]))
+
+  split_groups(result)
+  rounds = 0
+  while len(kept) < target and rounds < c.rl.max_resample_rounds:
+    rounds += 1
+    more = rollout(run, run.pipeline.next_batch(), jax.random.fold_in(key, 1000 + rounds), -1)
+    split_groups(more)
+  groups = (kept + dropped)[:target]
+  rows, meta = [], []
+  for g, (group_rows, group_meta) in enumerate(groups):
+    for r in group_rows:
+      rows.append(dataclasses.replace(r, group_id=g))
+    meta.extend(group_meta)
+  metrics = dict(result.metrics, **{"dapo/kept_groups": len(kept), "dapo/resample_rounds": rounds})
+  return packing.EpisodeResult(rows=rows, batch=packing.pack(rows, run.tokenizer.pad_id),
+                               meta=meta, metrics=metrics)
+
+
+def save_checkpoint(run: Run, step: int, force: bool = False):
+  items = {"train": run.state}
+  if run.ref_params is not None and not run.config.model.path:
+    items["ref"] = run.ref_params
+  meta = {"step": step, "key": checkpoint.key_to_json(run.base_key),
+          "pipeline": run.pipeline.get_state(),
+          "config": json.loads(run.config.to_json_best_effort())}
+  run.ckpt.save(step, items, meta, force=force)
+
+
+def maybe_eval(run: Run, step: int) -> dict:
+  c = run.config
+  if not c.train.eval_every or (step % c.train.eval_every and step != c.train.steps):
+    return {}
+  from mars import evaluate
+  return evaluate.evaluate_for_trainer(run, step)
+
+
+def train(config, workdir: str, grade_fn: Optional[Callable] = None,
+          max_steps: Optional[int] = None) -> dict:
+  """Runs (or resumes) training; returns the last step's metrics."""
+  run = setup(config, workdir, grade_fn)
+  adv_fn = _advantages_fn(_rl_cfg_full(config), config.data.prompts_per_step)
+  last = {}
+  try:
+    end = config.train.steps if max_steps is None else min(config.train.steps,
+                                                            run.start_step + max_steps)
+    for step in range(run.start_step, end):
+      metrics = train_one_step(run, step, adv_fn)
+      metrics.update(maybe_eval(run, step + 1))
+      run.writer.write(step + 1, metrics)
+      last = metrics
+      if (step + 1) % config.train.ckpt_every == 0 or step + 1 == config.train.steps:
+        save_checkpoint(run, step + 1)
+    run.ckpt.wait()
+    if end == config.train.steps:
+      run.writer.plot()
+  finally:
+    run.close()
+  return last
+
+
+def _rl_cfg_full(config) -> dict:
+  return config.rl.to_dict()
+
+
+def default_workdir() -> str:
+  return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  workdir = flags.FLAGS.workdir or default_workdir()
+  print(f"mars.train: workdir {workdir}", file=sys.stderr)
+  try:
+    train(flags.FLAGS.config, workdir, max_steps=flags.FLAGS.max_steps)
+  except Exception as e:  # one clear line for config / input errors
+    from mars.config import ConfigError
+    from mars.sharding import ShardingError
+    if isinstance(e, (ConfigError, ShardingError, FileNotFoundError)):
+      print(f"mars.train: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    raise
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,80 @@
+"""Every real config builds its full train state abstractly on an 8-device mesh.
+
+No weights: the model shape comes from the real config.json in ../shared, the
+state from jax.eval_shape, the layout from the logical sharding rules.
+"""
+import importlib.util
+import pathlib
+
+import jax
+import pytest
+
+from mars import config as mars_config
+from mars import models, sharding
+from mars import train
+from mars.rl import optim, step as step_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+MODEL_DIRS = {"Qwen/Qwen2.5-Math-1.5B": "qwen2.5-math-1.5b",
+              "Qwen/Qwen3-4B-Base": "qwen3-4b-base", "Qwen/Qwen3-8B-Base": "qwen3-8b-base"}
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["multi_attempt_1p5b", "ppo_single_turn_1p5b", "grpo_4b",
+                                  "lte_4b", "lte_8b", "dapo_4b"])
+def test_real_config_builds_abstract_train_state(name, shared_dir):
+  c = load(name)
+  mars_config.validate(c, jax.device_count())
+  model_dir = shared_dir / "models" / MODEL_DIRS[c.model.path]
+  model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype, dtype=c.model.dtype,
+                                 remat=c.model.remat)
+  mesh = sharding.make_mesh((1, 4, 2))
+  train._lazy_imports()
+  policy_opt = optim.make_optimizer(train._optim_cfg(c.actor_optim, c))
+  critic_opt = (optim.make_optimizer(train._optim_cfg(c.critic_optim, c))
+                if c.algorithm == "ppo" else None)
+  shardings = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  abstract = jax.eval_shape(lambda: train.fresh_state_abstract(model_cfg, policy_opt, critic_opt))
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  assert n_params == model_cfg.num_params()
+  expected = {"qwen2.5-math-1.5b": 1.54e9, "qwen3-4b-base": 4.02e9, "qwen3-8b-base": 8.19e9}
+  assert abs(n_params / expected[MODEL_DIRS[c.model.path]] - 1) < 0.02, n_params
+  assert (abstract.critic_params is not None) == (c.algorithm == "ppo")
+  # Every leaf has a sharding whose spec fits its rank, and big matrices are split.
+  for leaf, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    assert len(sh.spec) <= leaf.ndim
+  q_spec = shardings.params["layers"]["q"].spec
+  assert q_spec[1] == "fsdp" and q_spec[2] == "tensor"
+
+
+def test_tiny_config_validates():
+  c = load("tiny")
+  mars_config.validate(c, 1)
+  assert c.model.path == "" and c.data.name == "candidates"
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(algorithm="reinforce"), "Unknown algorithm 'reinforce'"),
+    (dict(episode=dict(min_attempts=3, max_attempts=2)), "max_attempts=2 < episode.min_attempts=3"),
+    (dict(rl=dict(minibatch_size=12)), "not divisible by rl.minibatch_size=12"),
+    (dict(rollout=dict(group_size=1)), "needs rollout.group_size >= 2"),
+    (dict(data=dict(prompts_per_step=4), rl=dict(minibatch_size=32)),
+     "prompts_per_step=4 is not divisible by the data×fsdp mesh size 8"),
+])
+def test_config_errors_are_one_clear_line(override, message):
+  c = load("tiny")
+  with c.unlocked():
+    for section, value in override.items():
+      if isinstance(value, dict):
+        c[section].update(value)
+      else:
+        c[section] = value
+  with pytest.raises(mars_config.ConfigError, match=message) as e:
+    mars_config.validate(c, 8)
+  assert "\n" not in str(e.value)
