@@ -292,7 +292,8 @@ def rollout(run: Run, problems, key, step: int):
     from mars.episodes import multi_attempt
     cfg = episode_cfg(c)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
-    n = multi_attempt.draw_num_attempts(rng, len(problems) * c.rollout.group_size, cfg)
+    # N is drawn per question (as in the paper), so a group shares one prefill.
+    n = multi_attempt.draw_num_attempts(rng, len(problems), cfg)
     single = c.episode.max_attempts == 1
     if c.lte.enabled:
       from mars.episodes import lte
@@ -495,9 +496,22 @@ def default_workdir() -> str:
   return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
+class _QuietLibraries(logging.Filter):
+  """Orbax logs every save at INFO; keep the console to mars's own lines."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_library_logs():
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietLibraries())
+  logging.getLogger("absl").addFilter(_QuietLibraries())
+
+
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  quiet_library_logs()
   workdir = flags.FLAGS.workdir or default_workdir()
   print(f"mars.train: workdir {workdir}", file=sys.stderr)
   try:

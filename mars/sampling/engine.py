@@ -318,7 +318,8 @@ class Sampler:
         force_len=jnp.where(rows_j, jnp.asarray(lengths), state.force_len),
         force_ptr=jnp.where(rows_j, 0, state.force_ptr),
         done=state.done & ~rows_j,
-        stopped=state.stopped & ~rows_j)
+        stopped=state.stopped & ~rows_j,
+        truncated=state.truncated & ~rows_j)
     return self._place_state(state)
 
   def rewind(self, state: DecodeState, keep_until: dict) -> DecodeState:

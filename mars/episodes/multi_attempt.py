@@ -1,0 +1,313 @@
+"""Multi-attempt episodes ("Learning from Failures in Multi-Attempt RL"): host driver.
+
+    result = multi_attempt.rollout(sampler, params, tok, problems, key=key,
+                                   grade_fn=rewards.grade_batch, cfg=cfg,
+                                   num_attempts=draw_num_attempts(rng, len(problems), cfg))
+
+Each episode starts from the multi-attempt prompt announcing N attempts (the
+single-turn baseline: `single_turn=True`, the plain prompt and N = 1). The
+sampler generates `cfg.chunk_tokens` tokens at a time; after each chunk the
+host reads only the new columns, finds attempts that ended
+(`attempts.check_chunk`), grades them in one `grade_fn` call, and applies
+`attempts.decide`: rewind the tokens written after a box, force the feedback
+turn (no re-prefill), or finish the row. Rules live in `attempts.py`.
+
+Rows are group-major (G = group_size episodes per question, group_id = the
+question's index). The response of a row is its model tokens and the injected
+feedback tokens in order; feedback is `~is_model`, hence the RolloutBatch's
+transparent span. The episode reward (`Row.reward`) goes on the last model
+token (the advantage code places it). `Row.truncated` means status "budget"
+(the sampler's own flag can be stale after a rewind + force).
+"""
+import functools
+from typing import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from mars import prompts
+from mars.episodes import attempts as rules
+from mars.episodes.packing import EpisodeResult, pack, rows_from_output
+from mars.sampling import SamplingParams
+from mars.tokenizer import left_pad
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Episode settings; defaults follow the paper (Qwen2.5-Math-1.5B run)."""
+  return ml_collections.ConfigDict(dict(
+      min_attempts=1,          # training draws N ~ U{min_attempts..max_attempts} per question
+      max_attempts=5,
+      chunk_tokens=64,         # tokens generated between two host checks
+      budget=3000,             # sampled tokens shared by all attempts of an episode
+      attempt_end="boxed",     # boxed: first complete \boxed{} | eos: end of the model's turn
+      reward_correct=1.0,      # some attempt correct (times attempt_discount^(k-1))
+      reward_wrong=-0.5,       # a boxed answer was given, none correct
+      reward_no_answer=-1.0,   # no attempt ever gave a complete box
+      attempt_discount=1.0,    # 1.0: the paper (no discount)
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+  ))
+
+
+_DEFAULTS = default_config()
+
+
+def _get(cfg, name):
+  """cfg.name, or the default: any attribute object with the required fields works."""
+  return getattr(cfg, name, _DEFAULTS[name])
+
+
+def sampling_params(cfg) -> SamplingParams:
+  return SamplingParams(temperature=float(_get(cfg, "temperature")),
+                        top_p=float(_get(cfg, "top_p")), top_k=int(_get(cfg, "top_k")))
+
+
+def validate_config(cfg) -> None:
+  lo, hi = int(_get(cfg, "min_attempts")), int(_get(cfg, "max_attempts"))
+  if not 1 <= lo <= hi:
+    raise ValueError(f"episode: need 1 <= min_attempts <= max_attempts, got {lo}, {hi}.")
+  if _get(cfg, "attempt_end") not in rules.ATTEMPT_ENDS:
+    raise ValueError(f"episode.attempt_end must be one of {rules.ATTEMPT_ENDS}, "
+                     f"got {_get(cfg, 'attempt_end')!r}.")
+  for name in ("chunk_tokens", "budget"):
+    if int(_get(cfg, name)) < 1:
+      raise ValueError(f"episode.{name} must be >= 1, got {_get(cfg, name)}.")
+
+
+def draw_num_attempts(rng: np.random.Generator, batch: int, cfg) -> np.ndarray:
+  """N per question (or per episode), uniform on {min_attempts..max_attempts}."""
+  validate_config(cfg)
+  return rng.integers(int(_get(cfg, "min_attempts")), int(_get(cfg, "max_attempts")) + 1,
+                      size=batch).astype(np.int32)
+
+
+def first_prompt(problem: str, num_attempts: int, single_turn: bool = False) -> str:
+  return prompts.single_turn_prompt(problem) if single_turn else prompts.multi_attempt_prompt(
+      problem, num_attempts)
+
+
+def cache_length(prompt_len: int, max_attempts: int, feedback_len: int, cfg) -> int:
+  """Columns one row can use: prompt + budget + per extra attempt (feedback + one chunk).
+
+  All rows share the write column, so a row whose attempt ends mid-chunk
+  idles (or has its tail rewound) until the chunk is over: at most one chunk
+  of dead columns per attempt boundary. Rounded up to 128 (few compiled shapes).
+  """
+  need = (prompt_len + int(_get(cfg, "budget")) + 1
+          + (max_attempts - 1) * (feedback_len + int(_get(cfg, "chunk_tokens"))))
+  return -(-need // 128) * 128
+
+
+# ----------------------------------------------------------------------------
+# Host view of the sampler's columns.
+
+@functools.partial(jax.jit, static_argnames="width")
+def _columns(tokens, gen_mask, forced_mask, done, index, start, *, width):
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
+  return take(tokens), take(gen_mask), take(forced_mask), done, index
+
+
+class _Transcript:
+  """Host copy of the sampler's token columns, refreshed one chunk at a time.
+
+  Only the columns written by the last `run` cross to the host (the rest of
+  the state stays on device); rewinds are mirrored here.
+  """
+
+  def __init__(self, batch: int, cache_len: int, prompt_len: int, width: int):
+    self.tokens = np.zeros((batch, cache_len), np.int32)
+    self.gen = np.zeros((batch, cache_len), bool)
+    self.forced = np.zeros((batch, cache_len), bool)
+    self.prompt_len = prompt_len
+    self.width = min(width, cache_len)
+    self.index = prompt_len
+
+  def pull(self, state) -> np.ndarray:
+    """Copies the columns written since the last pull; returns each row's done flag."""
+    S = self.tokens.shape[1]
+    start = min(self.index, S - self.width)
+    tokens, gen, forced, done, index = jax.device_get(_columns(
+        state.tokens, state.gen_mask, state.forced_mask, state.done, state.cache.index,
+        start, width=self.width))
+    cols = slice(start, start + self.width)
+    self.tokens[:, cols], self.gen[:, cols], self.forced[:, cols] = tokens, gen, forced
+    self.index = int(index)
+    # A forced row at a full cache can't write: it is out of room (a budget end).
+    return np.asarray(done, bool) | (self.index >= S)
+
+  def attempt(self, row: int):
+    """(tokens, columns) of the model tokens after the row's last forced token."""
+    forced = np.flatnonzero(self.forced[row])
+    start = forced[-1] + 1 if forced.size else self.prompt_len
+    cols = start + np.flatnonzero(self.gen[row, start:])
+    return self.tokens[row, cols], cols
+
+  def rewind(self, keep_until: dict) -> None:
+    for row, col in keep_until.items():
+      self.gen[row, col:] = self.forced[row, col:] = False
+
+  def num_generated(self, row: int) -> int:
+    return int(self.gen[row].sum())
+
+
+# ----------------------------------------------------------------------------
+# The driver.
+
+def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_fn: Callable,
+            cfg, num_attempts=None, group_size: int = 1,
+            single_turn: bool = False) -> EpisodeResult:
+  """Runs G = group_size multi-attempt episodes per problem; see the module docstring.
+
+  Args:
+    sampler: a `mars.sampling.Sampler` (or anything with its start / run /
+      force / rewind / finish / outputs contract and `stop_ids`, `queue_len`).
+    problems: dicts with `id`, `problem`, `answer`.
+    key: PRNG key of the sampler (and of N when `num_attempts` is None).
+    grade_fn: (responses: list[str], answers: list) -> list[Grade]; called once
+      per chunk, only for attempts with a complete box.
+    cfg: `default_config()` fields (any attribute object).
+    num_attempts: N per problem (len(problems)) or per episode
+      (len(problems)·G), or one int (evaluation). None: drawn from `key`.
+      Episodes of one problem that share N share one prefill.
+    single_turn: the baseline: plain single-turn prompt, N = 1.
+  """
+  validate_config(cfg)
+  G = int(group_size)
+  n_rows = _attempts_per_row(num_attempts, len(problems), G, single_turn, key, cfg)
+  shared = all(len(set(n_rows[q * G:(q + 1) * G])) == 1 for q in range(len(problems)))
+  if shared:  # one prefill per problem, fanned out to G rows
+    texts = [first_prompt(p["problem"], n_rows[q * G], single_turn)
+             for q, p in enumerate(problems)]
+  else:
+    texts = [first_prompt(problems[r // G]["problem"], n, single_turn)
+             for r, n in enumerate(n_rows)]
+  tokens, mask = left_pad(tokenizer.encode_batch(texts), tokenizer.pad_id)
+  A = max(n_rows)
+  feedback_len = max((len(tokenizer.encode(prompts.feedback_turn(n, True))) for n in range(1, A)),
+                     default=0)
+  if feedback_len > sampler.queue_len:
+    raise ValueError(f"multi_attempt: a feedback turn is {feedback_len} tokens, more than the "
+                     f"sampler's queue_len={sampler.queue_len}; build the Sampler with a larger "
+                     "one.")
+  cache_len = cache_length(tokens.shape[1], A, feedback_len, cfg)
+  state = sampler.start(params, tokens, mask, key=key, n=G if shared else 1,
+                        max_new_tokens=int(_get(cfg, "budget")), cache_len=cache_len,
+                        sampling=sampling_params(cfg))
+  episodes = [rules.new_episode(n) for n in n_rows]
+  answers = [problems[r // G]["answer"] for r in range(len(n_rows))]
+  state, episodes = _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg,
+                          prompt_len=tokens.shape[1], cache_len=cache_len)
+  return _result(sampler.outputs(state), episodes, problems, G, tokenizer, cfg)
+
+
+def _attempts_per_row(num_attempts, num_problems, G, single_turn, key, cfg) -> list:
+  B = num_problems * G
+  if single_turn:
+    return [1] * B
+  if num_attempts is None:  # N per problem from the rollout key (typed or raw uint32)
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    seed = np.asarray(jax.random.key_data(key) if typed else key).ravel().tolist()
+    num_attempts = draw_num_attempts(np.random.default_rng(seed), num_problems, cfg)
+  n = np.asarray(num_attempts, np.int64).ravel()
+  if np.ndim(num_attempts) == 0:  # evaluation: one N for every problem
+    n = np.full((num_problems,), n[0])
+  if len(n) == num_problems:
+    n = np.repeat(n, G)
+  if len(n) != B or (n < 1).any():
+    raise ValueError(f"num_attempts: need ints >= 1, one per problem ({num_problems}) or per "
+                     f"episode ({B}); got {np.asarray(num_attempts).tolist()}.")
+  return [int(x) for x in n]
+
+
+def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *, prompt_len,
+          cache_len):
+  """Chunk loop: run -> check -> grade -> rewind / force / finish, until every episode ends."""
+  view = _Transcript(len(episodes), cache_len, prompt_len, int(_get(cfg, "chunk_tokens")))
+  decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+  stop_ids = frozenset(int(t) for t in sampler.stop_ids)
+  feedback_ids = functools.lru_cache(None)(lambda text: list(tokenizer.encode(text)))
+  sampling, budget = sampling_params(cfg), int(_get(cfg, "budget"))
+  while not all(ep.done for ep in episodes):
+    state = sampler.run(params, state, int(_get(cfg, "chunk_tokens")), sampling)
+    done = view.pull(state)
+    spans = [view.attempt(b) if not ep.done else ([], []) for b, ep in enumerate(episodes)]
+    ends = rules.check_chunk(episodes, [t for t, _ in spans], done, decode=decode,
+                             attempt_end=_get(cfg, "attempt_end"), stop_ids=stop_ids,
+                             im_end_id=tokenizer.im_end_id)
+    statuses = _grade(ends, answers, grade_fn)
+    rewinds, forced, finished = {}, {}, []
+    for b, end in enumerate(ends):
+      if episodes[b].done:
+        continue
+      if end is None:
+        episodes[b] = rules.mark_scanned(episodes[b], len(spans[b][0]))
+        continue
+      cols = spans[b][1]
+      if end.keep < len(cols):
+        rewinds[b] = int(cols[end.keep])
+      budget_left = budget - (view.num_generated(b) - (len(cols) - end.keep))
+      episodes[b], action = rules.decide(episodes[b], end, statuses[b], budget_left=budget_left)
+      if action.kind == "feedback":
+        forced[b] = feedback_ids(action.feedback_text)
+      else:
+        finished.append(b)
+    state = sampler.rewind(state, rewinds)
+    view.rewind(rewinds)
+    state = sampler.force(state, forced)
+    state = sampler.finish(state, finished) if finished else state
+  return state, episodes
+
+
+def _grade(ends, answers, grade_fn) -> list:
+  """Grade.status per ended attempt with a box (one grade_fn call); None elsewhere."""
+  todo = [b for b, end in enumerate(ends) if end is not None and rules.needs_grading(end)]
+  statuses = [None] * len(ends)
+  if todo:
+    grades = list(grade_fn([ends[b].text for b in todo], [answers[b] for b in todo]))
+    if len(grades) != len(todo):
+      raise ValueError(f"grade_fn returned {len(grades)} grades for {len(todo)} responses.")
+    for b, grade in zip(todo, grades):
+      statuses[b] = grade.status
+  return statuses
+
+
+def _result(out, episodes, problems, G, tokenizer, cfg) -> EpisodeResult:
+  rows = rows_from_output(out)
+  meta = []
+  for b, (row, ep) in enumerate(zip(rows, episodes)):
+    row.group_id = b // G
+    row.reward = rules.episode_reward(ep, cfg)
+    row.truncated = ep.status == "budget"
+    answered = [a for a in ep.answers if a is not None]
+    meta.append(dict(
+        problem_id=problems[b // G]["id"], group_id=b // G, num_attempts=ep.num_attempts,
+        attempts_used=ep.attempts_used, success_attempt=ep.success_attempt, status=ep.status,
+        answers=list(ep.answers), grades=list(ep.grades), attempt_ends=list(ep.ends),
+        extracted=answered[-1] if answered else None, reward=row.reward,
+        model_tokens=int(row.is_model.sum()), response=tokenizer.decode(row.response),
+        off_policy=False))
+  max_k = max([int(_get(cfg, "max_attempts"))] + [ep.num_attempts for ep in episodes])
+  return EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
+                       metrics=episode_metrics(episodes, rows, max_k))
+
+
+def episode_metrics(episodes: Sequence[rules.Episode], rows, max_k: int) -> dict:
+  """success@k (solved within k attempts), attempts, reward histogram, tokens, budget hits."""
+  success = np.array([ep.success_attempt for ep in episodes])
+  correct = np.array([ep.status == "correct" for ep in episodes])
+  answered = np.array([ep.answered_any for ep in episodes])
+  metrics = {f"success@{k}": float(np.mean((success > 0) & (success <= k)))
+             for k in range(1, max_k + 1)}
+  metrics.update({
+      "reward/mean": float(np.mean([r.reward for r in rows])),
+      "reward/frac_correct": float(correct.mean()),
+      "reward/frac_wrong": float((~correct & answered).mean()),
+      "reward/frac_no_answer": float((~correct & ~answered).mean()),
+      "attempts_used/mean": float(np.mean([ep.attempts_used for ep in episodes])),
+      "tokens_per_episode/mean": float(np.mean([r.is_model.sum() for r in rows])),
+      "feedback_tokens/mean": float(np.mean([(~r.is_model).sum() for r in rows])),
+      "budget_hit/frac": float(np.mean([ep.status == "budget" for ep in episodes])),
+  })
+  return metrics

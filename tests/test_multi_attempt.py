@@ -1,0 +1,561 @@
+"""Multi-attempt episodes: pure rules, scripted token streams, and a tiny model end to end.
+
+Scripted tests drive the real `rollout` with `ScriptedSampler`, which keeps
+the engine's column semantics (one shared write column, forced tokens first,
+rewind refunds the budget) but replays scripted attempts instead of sampling.
+The end-to-end test uses a tiny Qwen2 whose weights make it a bigram model
+over a few tokens (" so", "\\", "boxed", "{", "1", "2", "}", <|im_end|>), so it
+writes boxes, right and wrong answers and early stops on its own.
+"""
+import functools
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mars.models as mm
+from mars import prompts
+from mars.episodes import attempts as rules
+from mars.episodes import multi_attempt as ma
+from mars.episodes.packing import prompt_columns
+from mars.rewards import Grade, extract_boxed
+from mars.sampling import Sampler, SampleOutput
+from mars.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(shared_dir):
+  return load_tokenizer(str(shared_dir / "models" / "qwen2.5-math-1.5b"))
+
+
+def cfg_with(**kw):
+  cfg = ma.default_config()
+  cfg.update(kw)
+  return cfg
+
+
+def stub_grade(calls=None):
+  """Correct iff the extracted box equals the answer text; records every call."""
+  def grade_fn(responses, answers):
+    if calls is not None:
+      calls.append(list(responses))
+    out = []
+    for r, a in zip(responses, answers):
+      x = extract_boxed(r)
+      out.append(Grade("no_answer") if x is None else Grade("correct" if x == a else "wrong", x))
+    return out
+  return grade_fn
+
+
+# ----------------------------------------------------------------------------
+# Pure rules.
+
+def _decode_chars(ids):  # ids are code points: one character per token
+  return "".join(map(chr, ids))
+
+
+def _ids(text):
+  return [ord(c) for c in text]
+
+
+def test_find_box_end_smallest_prefix_and_settling():
+  ids = _ids("so \\boxed{12} and more")
+  assert rules.find_box_end(ids, _decode_chars) == len("so \\boxed{12}")
+  assert rules.find_box_end(ids, _decode_chars, scanned=5) == len("so \\boxed{12}")
+  assert rules.find_box_end(_ids("\\boxed{12"), _decode_chars) is None  # unclosed
+  assert rules.find_box_end(_ids("no box here"), _decode_chars) is None
+  # A brace-less box is settled only once the next character can't extend it.
+  bare = _ids("\\boxed 42$.")
+  assert rules.find_box_end(bare, _decode_chars) == len("\\boxed 42$")
+  assert rules.find_box_end(_ids("\\boxed 42"), _decode_chars) is None
+  assert rules.has_settled_box("\\boxed{}") and not rules.has_settled_box("\\boxed{")
+
+
+def _end(reason, answer, closed=False, keep=3):
+  return rules.AttemptEnd(reason=reason, keep=keep, text=f"\\boxed{{{answer}}}" if answer else "x",
+                          answer=answer, turn_closed=closed)
+
+
+def test_find_attempt_end_reasons():
+  kw = dict(scanned=0, decode=_decode_chars, stop_ids={7}, im_end_id=7)
+  boxed = rules.find_attempt_end(_ids("a\\boxed{1}b") + [7], done=True, attempt_end="boxed", **kw)
+  assert (boxed.reason, boxed.keep, boxed.answer, boxed.turn_closed) == ("boxed", 10, "1", False)
+  eos = rules.find_attempt_end(_ids("a\\boxed{1}b") + [7], done=True, attempt_end="eos", **kw)
+  assert (eos.reason, eos.keep, eos.answer, eos.turn_closed) == ("eos", 12, "1", True)
+  budget = rules.find_attempt_end(_ids("a\\boxed{1"), done=True, attempt_end="boxed", **kw)
+  assert (budget.reason, budget.answer) == ("budget", None)
+  assert rules.find_attempt_end(_ids("a\\boxed{1"), done=False, attempt_end="boxed", **kw) is None
+
+
+def test_decide_branches():
+  ep = rules.new_episode(3)
+  ep2, act = rules.decide(ep, _end("boxed", "4"), "wrong", budget_left=10)
+  assert act == rules.Action("feedback", 2, close_assistant=True) and ep2.attempts_left == 2
+  assert act.feedback_text == prompts.feedback_turn(2, close_assistant=True)
+  ep3, act = rules.decide(ep2, _end("eos", None, closed=True), "no_answer", budget_left=10)
+  assert act == rules.Action("feedback", 1, close_assistant=False)
+  ep4, act = rules.decide(ep3, _end("boxed", "3"), "correct", budget_left=10)
+  assert act == rules.FINISH
+  assert (ep4.status, ep4.success_attempt, ep4.attempts_used) == ("correct", 3, 3)
+  assert ep4.answers == ("4", None, "3") and ep4.grades == ("wrong", "no_answer", "correct")
+  # Last attempt wrong -> exhausted; the no-answer kind only if nothing was ever boxed.
+  last = rules.new_episode(1)
+  assert rules.decide(last, _end("boxed", "4"), "wrong",
+                      budget_left=9)[0].status == "wrong_exhausted"
+  assert rules.decide(last, _end("eos", None), "no_answer",
+                      budget_left=9)[0].status == "no_answer_exhausted"
+  # An unboxed attempt is no_answer whatever the grader said; budget ends.
+  assert rules.decide(ep, _end("eos", None), "correct", budget_left=5)[0].grades == ("no_answer",)
+  assert rules.decide(ep, _end("budget", None), "no_answer", budget_left=0)[0].status == "budget"
+  assert rules.decide(ep, _end("boxed", "4"), "wrong", budget_left=0)[0].status == "budget"
+  assert rules.decide(ep, _end("budget", "3"), "correct", budget_left=0)[0].status == "correct"
+  with pytest.raises(ValueError):
+    rules.decide(ep4, _end("boxed", "3"), "correct", budget_left=1)
+
+
+def test_episode_reward_and_discount():
+  cfg = cfg_with(attempt_discount=0.5)
+  correct = rules.Episode(3, 1, status="correct", success_attempt=3,
+                          grades=("wrong", "wrong", "correct"))
+  assert rules.episode_reward(correct, cfg) == 0.25
+  wrong = rules.Episode(2, 0, status="budget", grades=("no_answer", "timeout"))
+  assert rules.episode_reward(wrong, cfg) == -0.5
+  never = rules.Episode(2, 0, status="no_answer_exhausted", grades=("no_answer",) * 2)
+  assert rules.episode_reward(never, cfg) == -1.0
+
+
+def test_draw_num_attempts():
+  cfg = cfg_with(min_attempts=2, max_attempts=4)
+  a = ma.draw_num_attempts(np.random.default_rng(7), 500, cfg)
+  assert set(a.tolist()) == {2, 3, 4}
+  np.testing.assert_array_equal(a, ma.draw_num_attempts(np.random.default_rng(7), 500, cfg))
+  with pytest.raises(ValueError, match="min_attempts"):
+    ma.draw_num_attempts(np.random.default_rng(0), 3, cfg_with(min_attempts=3, max_attempts=2))
+
+
+def test_metrics_success_at_k():
+  eps = [rules.Episode(3, 1, "correct", 1, grades=("correct",)),
+         rules.Episode(3, 1, "correct", 3, grades=("wrong", "wrong", "correct")),
+         rules.Episode(3, 0, "wrong_exhausted", 0, grades=("wrong",) * 3),
+         rules.Episode(3, 2, "budget", 0, grades=("no_answer",))]
+  rows = [types.SimpleNamespace(reward=r, is_model=np.ones(n, bool))
+          for r, n in ((1, 4), (1, 8), (-.5, 6), (-1, 10))]
+  m = ma.episode_metrics(eps, rows, 4)
+  assert [m[f"success@{k}"] for k in range(1, 5)] == [.25, .25, .5, .5]
+  assert m["reward/frac_correct"] == .5
+  assert m["reward/frac_wrong"] == m["reward/frac_no_answer"] == .25
+  assert m["attempts_used/mean"] == 2.0 and m["budget_hit/frac"] == .25
+  assert m["tokens_per_episode/mean"] == 7.0 and m["reward/mean"] == 0.125
+
+
+# ----------------------------------------------------------------------------
+# Scripted token streams through the real driver.
+
+class ScriptedSampler:
+  """The Sampler contract on the host, replaying scripts[row][attempt] token ids.
+
+  Kept from the engine: one shared write column; done rows write nothing;
+  forced tokens go first and reactivate a row; the budget counts sampled
+  tokens; rewind drops columns and refunds them. A row whose script is used
+  up emits <|im_end|> (a stop). A sampled token's logp is a function of its
+  column, so tests can check which logps survive.
+  """
+
+  def __init__(self, scripts, tok, queue_len=64):
+    self.scripts, self.im_end = scripts, tok.im_end_id
+    self.stop_ids, self.pad_id, self.queue_len = tok.stop_ids, tok.pad_id, queue_len
+
+  def start(self, params, tokens, mask, *, key, n=1, max_new_tokens, cache_len, sampling=None):
+    B, P = tokens.shape[0] * n, tokens.shape[1]
+    z = lambda dt: np.zeros((B, cache_len), dt)
+    s = types.SimpleNamespace(
+        tokens=np.full((B, cache_len), self.pad_id, np.int32), gen_mask=z(bool),
+        forced_mask=z(bool), logp=z(np.float32), valid=z(bool), done=np.zeros(B, bool),
+        stopped=np.zeros(B, bool), truncated=np.zeros(B, bool), num_generated=np.zeros(B, int),
+        max_new=np.broadcast_to(max_new_tokens, (B,)), queue=[[] for _ in range(B)],
+        attempt=[0] * B, pos=[0] * B, cache=types.SimpleNamespace(index=P), prompt_len=P)
+    s.tokens[:, :P] = np.repeat(tokens, n, 0)
+    s.valid[:, :P] = np.repeat(mask, n, 0)
+    return s
+
+  def _sample(self, s, b):
+    script = self.scripts[b][s.attempt[b]] if s.attempt[b] < len(self.scripts[b]) else []
+    s.pos[b] += 1
+    return script[s.pos[b] - 1] if s.pos[b] <= len(script) else self.im_end
+
+  def run(self, params, s, num_steps, sampling=None):
+    S = s.tokens.shape[1]
+    for _ in range(num_steps):
+      col = s.cache.index
+      if s.done.all() or col >= S:
+        break
+      for b in np.flatnonzero(~s.done):
+        stop = out_of_budget = False
+        if s.queue[b]:
+          tok, s.forced_mask[b, col] = s.queue[b].pop(0), True
+        else:
+          tok, s.gen_mask[b, col], s.logp[b, col] = self._sample(s, b), True, -col / 100
+          s.num_generated[b] += 1
+          stop = tok in self.stop_ids
+          out_of_budget = not stop and s.num_generated[b] >= s.max_new[b]
+        truncated = out_of_budget or (not stop and col + 1 >= S)
+        s.stopped[b] |= stop
+        s.truncated[b] |= truncated  # like the engine, never cleared (force does not reset it)
+        s.done[b] |= stop or truncated
+        s.tokens[b, col], s.valid[b, col] = tok, True
+      s.cache.index += 1
+    return s
+
+  def force(self, s, queued):
+    for b, ids in queued.items():
+      s.queue[b], s.done[b], s.stopped[b] = list(ids), False, False
+      s.attempt[b] += 1
+      s.pos[b] = 0
+    return s
+
+  def rewind(self, s, keep_until):
+    for b, col in keep_until.items():
+      s.tokens[b, col:] = np.where(s.gen_mask[b, col:] | s.forced_mask[b, col:], self.pad_id,
+                                   s.tokens[b, col:])
+      for buf in (s.gen_mask, s.forced_mask, s.valid):
+        buf[b, col:] = False
+      s.logp[b, col:] = 0
+      s.num_generated[b] = s.gen_mask[b].sum()
+    return s
+
+  def finish(self, s, rows):
+    s.done[list(rows)] = True
+    return s
+
+  def outputs(self, s):
+    prompt_mask = np.zeros_like(s.valid)
+    prompt_mask[:, :s.prompt_len] = s.valid[:, :s.prompt_len]
+    return SampleOutput(tokens=s.tokens.copy(), prompt_mask=prompt_mask, gen_mask=s.gen_mask.copy(),
+                        forced_mask=s.forced_mask.copy(), logp=s.logp.copy(),
+                        sampler_logp=s.logp.copy(), lengths=s.num_generated.copy(),
+                        truncated=s.truncated.copy(), stopped=s.stopped.copy(),
+                        prompt_len=s.prompt_len)
+
+
+def run_scripted(tok, scripts, *, answers=("3",), n=2, group_size=1, **cfg_kw):
+  """scripts[row] = attempts, each a list of text pieces (tokenized piece by piece)."""
+  ids = [[sum((tok.encode(p) for p in att), []) for att in row] for row in scripts]
+  problems = [{"id": f"q{i}", "problem": f"Problem {i}?", "answer": a}
+              for i, a in enumerate(answers)]
+  calls = []
+  res = ma.rollout(ScriptedSampler(ids, tok), None, tok, problems, key=jax.random.key(0),
+                   grade_fn=stub_grade(calls), cfg=cfg_with(**cfg_kw), num_attempts=n,
+                   group_size=group_size)
+  return res, calls
+
+
+def feedback(tok, n, closed):
+  return ("feedback", tok.encode(prompts.feedback_turn(n, close_assistant=not closed)))
+
+
+def model(tok, *pieces, stop=False):
+  return ("model", sum((tok.encode(p) for p in pieces), []) + ([tok.im_end_id] if stop else []))
+
+
+def assert_row(tok, res, b, parts, *, prompt_text):
+  """Row b's response == parts in order, with exact masks in the packed batch."""
+  row, batch = res.rows[b], res.batch
+  want = np.array(sum((ids for _, ids in parts), []), np.int32)
+  is_model = np.array(sum(([kind == "model"] * len(ids) for kind, ids in parts), []), bool)
+  np.testing.assert_array_equal(row.response, want)
+  np.testing.assert_array_equal(row.is_model, is_model)
+  assert row.prompt.tolist() == tok.encode(prompt_text)
+  P, n, T = prompt_columns(batch), len(want), batch.shape[1]
+  np.testing.assert_array_equal(batch.tokens[b, P:P + n], want)
+  np.testing.assert_array_equal(batch.tokens[b, P - len(row.prompt):P], row.prompt)
+  np.testing.assert_array_equal(batch.loss_mask[b], np.r_[np.zeros(P, bool), is_model,
+                                                          np.zeros(T - P - n, bool)])
+  np.testing.assert_array_equal(batch.transparent_mask[b], np.r_[np.zeros(P, bool), ~is_model,
+                                                                 np.zeros(T - P - n, bool)])
+  cols = np.arange(T)
+  np.testing.assert_array_equal(batch.attention_mask[b],
+                                (cols >= P - len(row.prompt)) & (cols < P + n))
+  assert (batch.behaviour_logp[b, P:P + n][~is_model] == 0).all()
+  assert (batch.behaviour_logp[b, P:P + n][is_model] < 0).all()
+
+
+def _check(res, b, *, status, reward, success, used, truncated=False):
+  m = res.meta[b]
+  assert (m["status"], m["reward"], m["success_attempt"], m["attempts_used"]) == (
+      status, reward, success, used)
+  assert res.batch.reward[b] == reward and res.batch.truncated[b] == truncated
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_correct_first_try_drops_tail(tok, chunk):
+  res, calls = run_scripted(tok, [[["Thus ", "\\boxed{3}", " and more"]]], n=3,
+                            chunk_tokens=chunk)
+  assert_row(tok, res, 0, [model(tok, "Thus ", "\\boxed{3}")],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 3))
+  _check(res, 0, status="correct", reward=1.0, success=1, used=1)
+  assert calls == [["Thus \\boxed{3}"]]  # graded once, on the kept text only
+  assert res.meta[0]["answers"] == ["3"] and res.meta[0]["attempt_ends"] == ["boxed"]
+
+
+@pytest.mark.parametrize("chunk", [4, 64])
+def test_wrong_then_right_exact_masks(tok, chunk):
+  scripts = [[["I think ", "\\boxed{4}", " so much more text after the box"],
+              ["No: ", "\\boxed{3}"]]]
+  res, calls = run_scripted(tok, scripts, n=2, chunk_tokens=chunk)
+  assert_row(tok, res, 0, [model(tok, "I think ", "\\boxed{4}"), feedback(tok, 1, closed=False),
+                           model(tok, "No: ", "\\boxed{3}")],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 2))
+  _check(res, 0, status="correct", reward=1.0, success=2, used=2)
+  assert res.meta[0]["grades"] == ["wrong", "correct"]
+  assert [len(c) for c in calls] == [1, 1]
+  assert res.metrics["success@1"] == 0.0 and res.metrics["success@2"] == 1.0
+
+
+def test_no_box_then_right_keeps_model_im_end(tok):
+  res, calls = run_scripted(tok, [[["I give up"], ["\\boxed{3}"]]], n=3, chunk_tokens=64)
+  assert_row(tok, res, 0, [model(tok, "I give up", stop=True), feedback(tok, 2, closed=True),
+                           model(tok, "\\boxed{3}")],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 3))
+  _check(res, 0, status="correct", reward=1.0, success=2, used=2)
+  assert res.meta[0]["grades"] == ["no_answer", "correct"] and len(calls) == 1
+
+
+def test_all_wrong_and_never_boxed(tok):
+  scripts = [[["\\boxed{1}"], ["\\boxed{2}"], ["\\boxed{4}"]],
+             [["hmm"], ["no idea"]]]
+  res, _ = run_scripted(tok, scripts, answers=("3", "3"), n=[3, 2], chunk_tokens=5)
+  assert_row(tok, res, 0, [model(tok, "\\boxed{1}"), feedback(tok, 2, False),
+                           model(tok, "\\boxed{2}"), feedback(tok, 1, False),
+                           model(tok, "\\boxed{4}")],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 3))
+  _check(res, 0, status="wrong_exhausted", reward=-0.5, success=0, used=3)
+  assert_row(tok, res, 1, [model(tok, "hmm", stop=True), feedback(tok, 1, True),
+                           model(tok, "no idea", stop=True)],
+             prompt_text=prompts.multi_attempt_prompt("Problem 1?", 2))
+  _check(res, 1, status="no_answer_exhausted", reward=-1.0, success=0, used=2)
+  assert res.metrics["reward/frac_wrong"] == 0.5 and res.metrics["reward/frac_no_answer"] == 0.5
+
+
+def test_unclosed_box_is_no_answer(tok):
+  res, calls = run_scripted(tok, [[["\\boxed{3"]]], n=1)
+  _check(res, 0, status="no_answer_exhausted", reward=-1.0, success=0, used=1)
+  assert calls == [] and res.meta[0]["answers"] == [None]
+
+
+def test_budget_exhaustion(tok):
+  long = ["word"] * 40
+  scripts = [[long], [["\\boxed{5}"], long]]
+  res, _ = run_scripted(tok, scripts, answers=("3", "3"), n=3, budget=12, chunk_tokens=8)
+  _check(res, 0, status="budget", reward=-1.0, success=0, used=1, truncated=True)
+  _check(res, 1, status="budget", reward=-0.5, success=0, used=2, truncated=True)
+  assert [r.is_model.sum() for r in res.rows] == [12, 12]
+  assert res.metrics["budget_hit/frac"] == 1.0
+
+
+def test_rewound_tail_refunds_budget(tok):
+  # Attempt 1 runs into the budget *after* its box, inside the same chunk: the
+  # tail is rewound and refunded, so attempt 2 still fits and the row is not truncated.
+  kept1, kept2 = tok.encode("\\boxed{4}"), tok.encode("\\boxed{3}")
+  budget = len(kept1) + len(kept2)
+  scripts = [[["\\boxed{4}"] + ["word"] * 30, ["\\boxed{3}"]]]
+  res, _ = run_scripted(tok, scripts, n=2, budget=budget, chunk_tokens=64)
+  _check(res, 0, status="correct", reward=1.0, success=2, used=2)
+  assert res.rows[0].is_model.sum() == budget
+
+
+def test_eos_mode_grades_last_box_at_end_of_turn(tok):
+  scripts = [[["\\boxed{4}", " wait, ", "\\boxed{5}"], ["\\boxed{4}", " no, ", "\\boxed{3}"]]]
+  res, calls = run_scripted(tok, scripts, n=2, attempt_end="eos", chunk_tokens=4)
+  assert_row(tok, res, 0, [model(tok, "\\boxed{4}", " wait, ", "\\boxed{5}", stop=True),
+                           feedback(tok, 1, True),
+                           model(tok, "\\boxed{4}", " no, ", "\\boxed{3}", stop=True)],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 2))
+  assert res.meta[0]["answers"] == ["5", "3"] and res.meta[0]["attempt_ends"] == ["eos", "eos"]
+  _check(res, 0, status="correct", reward=1.0, success=2, used=2)
+
+
+def test_groups_per_episode_n_and_chunk_invariance(tok):
+  scripts = [[["\\boxed{1}", " tail"], ["\\boxed{3}"]], [["\\boxed{3}"]],
+             [["x"], ["\\boxed{1}"]], [["\\boxed{1}"], ["y ", "\\boxed{2}"], ["\\boxed{3}"]]]
+  results = [run_scripted(tok, scripts, answers=("3", "2"), n=[2, 2, 1, 3], group_size=2,
+                          chunk_tokens=c)[0] for c in (2, 7, 64)]
+  for res in results:
+    assert [m["group_id"] for m in res.meta] == [0, 0, 1, 1]
+    assert [m["num_attempts"] for m in res.meta] == [2, 2, 1, 3]
+    assert [m["status"] for m in res.meta] == ["correct", "correct", "no_answer_exhausted",
+                                               "correct"]
+    assert tok.decode(res.rows[3].prompt) == prompts.multi_attempt_prompt("Problem 1?", 3)
+    for a, b in zip(res.rows, results[0].rows):
+      np.testing.assert_array_equal(a.response, b.response)
+      np.testing.assert_array_equal(a.is_model, b.is_model)
+  assert results[0].meta[3]["success_attempt"] == 2
+
+
+def test_single_turn_baseline_and_discount(tok):
+  ids = [[tok.encode("\\boxed{4}")]]
+  res = ma.rollout(ScriptedSampler(ids, tok), None, tok, [{"id": 0, "problem": "P", "answer": "3"}],
+                   key=jax.random.key(0), grade_fn=stub_grade(), cfg=cfg_with(),
+                   num_attempts=5, single_turn=True)
+  assert tok.decode(res.rows[0].prompt) == prompts.single_turn_prompt("P")
+  _check(res, 0, status="wrong_exhausted", reward=-0.5, success=0, used=1)
+  res, _ = run_scripted(tok, [[["\\boxed{4}"], ["\\boxed{3}"]]], n=2, attempt_discount=0.5)
+  assert res.meta[0]["reward"] == 0.5
+
+
+def test_num_attempts_drawn_from_key_per_question(tok):
+  problems = [{"id": i, "problem": f"P{i}", "answer": "3"} for i in range(6)]
+  cfg = cfg_with(min_attempts=2, max_attempts=4)
+  draws = []
+  for _ in range(2):
+    res = ma.rollout(ScriptedSampler([[]] * 12, tok), None, tok, problems, key=jax.random.key(5),
+                     grade_fn=stub_grade(), cfg=cfg, num_attempts=None, group_size=2)
+    draws.append([m["num_attempts"] for m in res.meta])
+  assert draws[0] == draws[1] and set(draws[0]) <= {2, 3, 4}
+  assert draws[0][0::2] == draws[0][1::2]  # one N per question, shared by its group
+  assert [m["attempts_used"] for m in res.meta] == draws[0]  # every attempt stops unboxed
+
+
+def test_feedback_longer_than_queue_is_an_error(tok):
+  sampler = ScriptedSampler([[[]]], tok, queue_len=8)
+  with pytest.raises(ValueError, match="queue_len"):
+    ma.rollout(sampler, None, tok, [{"id": 0, "problem": "P", "answer": "3"}],
+               key=jax.random.key(0), grade_fn=stub_grade(), cfg=cfg_with(), num_attempts=2)
+
+
+# ----------------------------------------------------------------------------
+# End to end: a tiny Qwen2 that writes boxes, through the real Sampler.
+
+BIGRAM_TEXT = {"so": " so", "bs": "\\", "boxed": "boxed", "lb": "{", "one": "1", "two": "2",
+               "rb": "}"}
+BIGRAM = {  # p(next | current); "other" is every token outside the alphabet
+    "other": {"so": .6, "bs": .4}, "end": {"so": .6, "bs": .4},
+    "so": {"so": .5, "bs": .35, "end": .15},
+    "bs": {"boxed": 1.0}, "boxed": {"lb": 1.0},
+    "lb": {"one": .45, "two": .45, "rb": .1},
+    "one": {"rb": .85, "so": .15}, "two": {"rb": .85, "so": .15},
+    "rb": {"so": .6, "end": .4},
+}
+
+
+@pytest.fixture(scope="module")
+def bigram_model(tok, tmp_path_factory):
+  """Tiny Qwen2 (hidden 32, 2 layers, full Qwen vocab) that is nearly a bigram chain.
+
+  Huge one-hot embeddings dominate the residual stream, so the logits follow
+  BIGRAM; the random layers still perturb them slightly, so attention to the
+  context (and thus the KV cache) matters.
+  """
+  import torch
+  import transformers
+  D = 32
+  hf_cfg = transformers.Qwen2Config(
+      vocab_size=tok.vocab_size, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+      tie_word_embeddings=False)
+  model = transformers.Qwen2ForCausalLM(hf_cfg)
+  ids = {k: tok.encode(v)[0] for k, v in BIGRAM_TEXT.items()} | {"end": tok.im_end_id}
+  slot = {name: i + 1 for i, name in enumerate(ids)} | {"other": 0}
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.ones_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    emb.zero_()
+    emb[:, 0] = 100.0
+    head.zero_()
+    for name, i in ids.items():
+      emb[i] = 0.0
+      emb[i, slot[name]] = 100.0
+    for cur, dist in BIGRAM.items():
+      for nxt, p in dist.items():
+        head[ids[nxt], slot[cur]] = (30.0 + math.log(p)) / math.sqrt(D)
+  path = tmp_path_factory.mktemp("bigram_qwen2")
+  model.save_pretrained(path)
+  return mm.load_hf(str(path))
+
+
+class Recorder:
+  """Delegates to a Sampler and keeps a host copy of the state after every run."""
+
+  def __init__(self, sampler):
+    self.inner, self.states = sampler, []
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def run(self, *args, **kw):
+    state = self.inner.run(*args, **kw)
+    self.states.append(jax.device_get(state))
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fresh_prefill(cfg, params, tokens, valid):
+  positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), -1) - 1, 0)
+  cache = mm.init_cache(cfg, tokens.shape[0], tokens.shape[1])
+  return mm.extend(cfg, params, tokens, positions, valid, cache, return_hidden=True)
+
+
+PROBLEMS = [{"id": "one", "problem": "What is 0+1?", "answer": "1"},
+            {"id": "two", "problem": "What is 1+1?", "answer": "2"}]
+
+
+def test_tiny_model_end_to_end(tok, bigram_model):
+  # "boxed" mode covers every engine path: rewinds after a box, feedback that
+  # closes the turn, and feedback after the model's own <|im_end|> (no box).
+  model_cfg, params = bigram_model
+  sampler = Recorder(Sampler(model_cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id))
+  cfg = cfg_with(budget=40, chunk_tokens=8, max_attempts=3)
+  calls = []
+  res = ma.rollout(sampler, params, tok, PROBLEMS, key=jax.random.key(1),
+                   grade_fn=stub_grade(calls), cfg=cfg, num_attempts=3, group_size=4)
+  assert 0 < len(calls) <= len(sampler.states)  # at most one grader call per chunk
+  statuses = [m["status"] for m in res.meta]
+  assert "correct" in statuses and "wrong_exhausted" in statuses
+  ends = {e for m in res.meta for e in m["attempt_ends"][:-1]}
+  assert ends == {"boxed", "eos"}  # feedback followed both kinds of attempt end
+  P = prompt_columns(res.batch)
+  for b, (row, m) in enumerate(zip(res.rows, res.meta)):
+    assert tok.decode(row.prompt) == prompts.multi_attempt_prompt(PROBLEMS[b // 4]["problem"], 3)
+    n = len(row.response)
+    np.testing.assert_array_equal(res.batch.tokens[b, P:P + n], row.response)
+    np.testing.assert_array_equal(res.batch.loss_mask[b, P:P + n], row.is_model)
+    np.testing.assert_array_equal(res.batch.transparent_mask[b, P:P + n], ~row.is_model)
+    assert not (res.batch.loss_mask[b] & res.batch.transparent_mask[b]).any()
+    assert row.is_model.sum() <= cfg.budget and row.is_model[-1]
+    runs = _runs(row)
+    model_runs, feedback_runs = runs[0::2], runs[1::2]
+    assert len(model_runs) == m["attempts_used"] == len(feedback_runs) + 1
+    for j, fb in enumerate(feedback_runs):  # the injected text decodes exactly
+      closed = model_runs[j][-1] == tok.im_end_id
+      assert tok.decode(fb) == prompts.feedback_turn(3 - (j + 1), close_assistant=not closed)
+    for j, ids in enumerate(model_runs):
+      text = tok.decode(ids, skip_special_tokens=True)
+      assert extract_boxed(text) == m["answers"][j]
+      if m["attempt_ends"][j] == "boxed":  # cut exactly at the box-closing token
+        assert rules.has_settled_box(text)
+        assert not rules.has_settled_box(tok.decode(ids[:-1], skip_special_tokens=True))
+    assert m["reward"] == {"correct": 1.0}.get(m["status"], -0.5 if any(
+        a is not None for a in m["answers"]) else -1.0)
+  # The KV cache after forced feedback and rewinds equals a fresh prefill of the transcript.
+  forced_seen = False
+  for state in sampler.states:
+    idx, S = int(state.cache.index), state.tokens.shape[1]
+    valid = np.asarray(state.cache.valid) & (np.arange(S) < idx)
+    hidden, fresh = _fresh_prefill(model_cfg, params, jnp.asarray(state.tokens), jnp.asarray(valid))
+    for a, f in ((state.cache.k, fresh.k), (state.cache.v, fresh.v)):
+      np.testing.assert_allclose(np.asarray(a)[:, valid], np.asarray(f)[:, valid], atol=2e-4)
+    active = ~np.asarray(state.done)
+    logits = np.asarray(hidden)[active, idx - 1] @ np.asarray(params["lm_head"]).T
+    np.testing.assert_allclose(np.asarray(state.last_logits)[active], logits, rtol=1e-5, atol=2e-4)
+    forced_seen |= bool((np.asarray(state.forced_mask) & valid)[active].any())
+  assert forced_seen
+
+
+def _runs(row):
+  """Response split into alternating model / injected runs (model first)."""
+  edges = np.flatnonzero(np.diff(row.is_model.astype(int))) + 1
+  return [r.tolist() for r in np.split(row.response, edges)]
