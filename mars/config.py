@@ -57,6 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.lte.hint_source = "wrong_answers"  # wrong_answers | none
   c.lte.episode = "single_turn"        # single_turn | multi_attempt
   c.lte.replace_seed = 0
+  c.lte.hint_max_chars = 200           # skip absurdly long "answers" in hints
+  c.lte.hinted_min_prompts = 1         # hinted batch padded to >= this (and the mesh's data size)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.adv_estimator = "grpo"     # gae | grpo | rloo | drgrpo

@@ -298,17 +298,29 @@ def rollout(run: Run, problems, key, step: int):
     if c.lte.enabled:
       from mars.episodes import lte
       return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=cfg,
-                         lte_cfg=c.lte, **common)
+                         lte_cfg=lte_cfg(run, "multi_attempt"), num_attempts=list(n),
+                         group_size=c.rollout.group_size, single_turn=single, **common)
     return multi_attempt.rollout(run.sampler, run.state.params, run.tokenizer, problems,
                                  cfg=cfg, num_attempts=list(n), group_size=c.rollout.group_size,
                                  single_turn=single, **common)
   if c.lte.enabled:
     from mars.episodes import lte
     return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=c.rollout,
-                       lte_cfg=c.lte, **common)
+                       lte_cfg=lte_cfg(run, "single_turn"), **common)
   from mars.episodes import single_turn
   return single_turn.rollout(run.sampler, run.state.params, run.tokenizer, problems,
                              cfg=c.rollout, **common)
+
+
+def lte_cfg(run: Run, episode: str):
+  """LTE settings; the episode kind follows config.episode.kind, and hinted
+  batches are padded to the data-parallel size so they divide the mesh."""
+  import ml_collections
+  cfg = ml_collections.ConfigDict(run.config.lte.to_dict())
+  cfg.episode = episode
+  cfg.hinted_min_prompts = max(cfg.get("hinted_min_prompts", 1),
+                               sharding.mesh_axis_size(run.mesh, sharding.LOGICAL_RULES["batch"]))
+  return cfg
 
 
 def episode_cfg(c):

@@ -1,0 +1,400 @@
+"""LTE: hinted extra rollouts for all-fail groups (Learning to Reason from Trial and Error).
+
+One training step, over GRPO groups of G rollouts per question:
+
+  1. sample G rollouts with Prompt(q), grade, binary reward    single_turn.rollout
+  2. classify groups; all-fail ones are stuck                  classify_groups
+       overlong_all  every rollout truncated  -> Concise(q)
+       overlong_some some truncated           -> ConciseHint(q, wrong)
+       pass_none     none truncated           -> Hint(q, wrong)
+  3. hint set: distinct wrong answers of the non-truncated     build_hint_set
+     failed rollouts, de-duplicated by canonical form, capped
+  4. G hinted rollouts per all-fail group (one generate call)  hinted_problem / hinted_prompt
+  5. the G' correct (and not truncated) ones replace G'        select_replacements
+     randomly chosen failed originals, seeded per group
+  6. replaced rows: response moved onto Prompt(q), off-policy  reattach_responses
+     behaviour_logp stays the hinted-prompt logprob
+
+The trainer then recomputes old_logp under the packed (unhinted) layout and
+feeds the loss `old_logp_for_loss(batch, old_logp)`: for off-policy rows the
+ratio is π_θ(y | Prompt(q)) / π_behaviour(y | hinted prompt), shaped by
+f(r) = r / (r + γ) without clipping (mars.rl.losses.policy_loss). GRPO
+advantages are computed after replacement, so a group with G' = G has zero
+advantage (logged as `lte/all_replaced_groups`).
+
+Steps 2–6 are pure functions over numpy arrays and per-row metadata; `rollout`
+is the thin host driver. With no all-fail group it returns the plain
+single-turn result untouched (the step is exactly GRPO).
+
+Beyond the paper, lte.episode="multi_attempt" runs the same steps over groups
+of multi-attempt episodes (mars.episodes.multi_attempt): an episode passes if
+some attempt is correct, is truncated if it ran out of budget, the hint lists
+the distinct wrong answers of every attempt in the group, and the hinted
+extra episodes are multi-attempt episodes whose first prompt carries the note.
+"""
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from mars import prompts
+from mars.episodes import multi_attempt
+from mars.episodes import single_turn as single_turn_lib
+from mars.episodes.packing import EpisodeResult, Row, pack
+from mars.tokenizer import bucket_length
+
+# Group classes. Only the last three are all-fail (they get hinted rollouts).
+EMPTY, SOME_PASS, ALL_PASS, OVERLONG_ALL, OVERLONG_SOME, PASS_NONE = -1, 0, 1, 2, 3, 4
+CLASS_NAMES = {EMPTY: "empty", SOME_PASS: "some_pass", ALL_PASS: "all_pass",
+               OVERLONG_ALL: "overlong_all", OVERLONG_SOME: "overlong_some",
+               PASS_NONE: "pass_none"}
+ALL_FAIL_CLASSES = (OVERLONG_ALL, OVERLONG_SOME, PASS_NONE)
+HINT_SOURCES = ("wrong_answers", "none")
+EPISODES = ("single_turn", "multi_attempt")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      enabled=True,
+      # "single_turn" (the paper) or "multi_attempt" (beyond the paper: groups
+      # of multi-attempt episodes; the hint lists every attempt's wrong answers).
+      episode="single_turn",
+      # "wrong_answers" (the paper) or "none": the "GRPO + vanilla extra rollouts"
+      # baseline (plain prompt for pass-none, Concise for overlong groups).
+      hint_source="wrong_answers",
+      hint_cap=10,           # at most this many wrong answers in a hint
+      hint_max_chars=200,    # longer extracted answers are left out of hints
+      replace_seed=0,        # with the step key, seeds each group's replacement choice
+      # The hinted prompt batch is padded to a power of two ≥ this (a handful of
+      # compiled shapes); on a mesh, set it to the data-parallel size.
+      hinted_min_prompts=1,
+  ))
+
+
+# ----------------------------------------------------------------------------
+# Pure selection logic (steps 2–6).
+
+def classify_groups(rewards, truncated, group_ids, num_groups: int) -> np.ndarray:
+  """Class code per group [num_groups] (SOME_PASS, ALL_PASS, OVERLONG_*, PASS_NONE).
+
+  A rollout passes when its reward is > 0 (or its bool flag is True). Group
+  ids with no rows get EMPTY.
+  """
+  group_ids = np.asarray(group_ids, np.int64)
+  passed = np.asarray(rewards) > 0
+  count = np.bincount(group_ids, minlength=num_groups)
+  n_pass = np.bincount(group_ids, weights=passed, minlength=num_groups)
+  n_cut = np.bincount(group_ids, weights=np.asarray(truncated, bool), minlength=num_groups)
+  fail = n_pass == 0
+  codes = np.full((num_groups,), SOME_PASS, np.int32)
+  codes[n_pass == count] = ALL_PASS
+  codes[fail & (n_cut == count)] = OVERLONG_ALL
+  codes[fail & (n_cut > 0) & (n_cut < count)] = OVERLONG_SOME
+  codes[fail & (n_cut == 0)] = PASS_NONE
+  codes[count == 0] = EMPTY
+  return codes
+
+
+def is_all_fail(codes) -> np.ndarray:
+  return np.isin(np.asarray(codes), ALL_FAIL_CLASSES)
+
+
+def build_hint_set(extracted: Sequence[Optional[str]], canonical: Sequence[Optional[str]],
+                   truncated: Sequence[bool], cap: Optional[int] = None,
+                   max_chars: Optional[int] = None) -> list:
+  """Distinct wrong answers of one group's failed rollouts, in first-seen order.
+
+  Args:
+    extracted: each failed rollout's extracted answer (None: nothing to hint).
+    canonical: its de-duplication key (e.g. Grade.canonical); None falls back to
+      the whitespace-free text. `1/2`, `0.5`, `\\frac12` share a key, so the
+      first of them is the one shown.
+    truncated: truncated rollouts are skipped (their answer was not final).
+    cap: at most this many answers (None: no cap).
+    max_chars: answers longer than this are skipped (they would bloat the prompt).
+  """
+  seen, hints = set(), []
+  for answer, key, cut in zip(extracted, canonical, truncated):
+    if cap is not None and len(hints) >= cap:
+      break
+    if cut or answer is None or not answer.strip():
+      continue
+    answer = answer.strip()
+    if max_chars is not None and len(answer) > max_chars:
+      continue
+    key = key if key else "".join(answer.split())
+    if key not in seen:
+      seen.add(key)
+      hints.append(answer)
+  return hints
+
+
+def hinted_problem(problem: str, code: int, hints: Sequence[str],
+                   hint_source: str = "wrong_answers") -> str:
+  """The problem text with the class's note appended (the paper's step 4).
+
+  Rendering it with the episode's own template gives the hinted prompt:
+  single_turn_prompt(hinted_problem(...)) == hinted_prompt(...), and the
+  multi-attempt prompt for lte.episode="multi_attempt". With no usable wrong
+  answer (or hint_source="none") there is nothing to hint: pass-none groups get
+  the plain problem (vanilla extra rollouts), overlong groups the Concise note.
+  """
+  if hint_source not in HINT_SOURCES:
+    raise ValueError(f"lte.hint_source must be one of {HINT_SOURCES}, got {hint_source!r}.")
+  hints = list(hints) if hint_source == "wrong_answers" else []
+  answers = prompts.format_wrong_answers(hints)
+  if code == OVERLONG_ALL or (code == OVERLONG_SOME and not hints):
+    note = prompts.CONCISE_NOTE
+  elif code == OVERLONG_SOME:
+    note = prompts.CONCISE_HINT_NOTE.format(answers=answers)
+  elif code == PASS_NONE:
+    note = prompts.HINT_NOTE.format(answers=answers) if hints else None
+  else:
+    raise ValueError(
+        f"hinted_problem: group class {CLASS_NAMES.get(code, code)!r} is not all-fail.")
+  return f"{problem}\n\n{note}" if note else problem
+
+
+def hinted_prompt(problem: str, code: int, hints: Sequence[str],
+                  hint_source: str = "wrong_answers") -> str:
+  """Single-turn prompt for an all-fail group's extra rollouts: Concise / ConciseHint / Hint."""
+  if hint_source not in HINT_SOURCES:
+    raise ValueError(f"lte.hint_source must be one of {HINT_SOURCES}, got {hint_source!r}.")
+  if hint_source == "none":
+    hints = ()  # vanilla extra rollouts: the prompts below fall back to plain / Concise
+  if code == OVERLONG_ALL:
+    return prompts.concise_prompt(problem)
+  if code == OVERLONG_SOME:
+    return prompts.concise_hint_prompt(problem, hints)
+  if code == PASS_NONE:
+    return prompts.hint_prompt(problem, hints)
+  raise ValueError(f"hinted_prompt: group class {CLASS_NAMES.get(code, code)!r} is not all-fail.")
+
+
+def select_replacements(orig_ok, hinted_ok, seed, hinted_truncated=None) -> list:
+  """Pairs (orig_index, hinted_index): who replaces whom within one group.
+
+  The usable hinted rollouts (correct and not truncated) replace as many
+  randomly chosen *failed* originals, in hinted-index order. `seed` is
+  anything np.random.default_rng takes, so the choice is reproducible.
+  """
+  orig_ok = np.asarray(orig_ok, bool)
+  usable = np.asarray(hinted_ok, bool)
+  if hinted_truncated is not None:
+    usable = usable & ~np.asarray(hinted_truncated, bool)
+  failed = np.flatnonzero(~orig_ok)
+  good = np.flatnonzero(usable)
+  k = min(len(failed), len(good))
+  if k == 0:
+    return []
+  chosen = np.sort(np.random.default_rng(seed).choice(failed, size=k, replace=False))
+  return [(int(i), int(j)) for i, j in zip(chosen, good[:k])]
+
+
+def reattach_responses(rows: Sequence[Row], replacements, unhinted_prompt_ids=None) -> list:
+  """Rows with replacements applied: hinted responses moved onto the unhinted prompt.
+
+  Args:
+    rows: the original (unhinted) rows.
+    replacements: (row_index, hinted_row) pairs.
+    unhinted_prompt_ids: optional ids per replacement (same order); by default
+      the replaced row's own prompt, which is Prompt(q) by construction.
+  Returns a new list; a replacement keeps the hinted row's response, masks,
+  reward and behaviour_logp (the hinted-prompt logprob), takes the unhinted
+  prompt and the original row's group, and is marked off-policy. `pack` then
+  rebuilds positions and masks.
+  """
+  out = list(rows)
+  for k, (index, hinted) in enumerate(replacements):
+    orig = rows[index]
+    prompt = orig.prompt if unhinted_prompt_ids is None else unhinted_prompt_ids[k]
+    out[index] = dataclasses.replace(hinted, prompt=np.asarray(prompt, np.int32),
+                                     group_id=orig.group_id, off_policy=True)
+  return out
+
+
+def old_logp_for_loss(batch, recomputed_old_logp):
+  """The loss's `old_logp`: behaviour logp (hinted prompt) on off-policy rows.
+
+  On-policy rows use the recomputed logp under the training layout; off-policy
+  rows use the sampling-time logp under the hinted prompt, so the ratio is
+  π_θ(y | Prompt(q)) / π_behaviour(y | hinted prompt).
+  """
+  import jax.numpy as jnp
+  off = jnp.asarray(batch.is_off_policy, bool)[:, None]
+  return jnp.where(off, jnp.asarray(batch.behaviour_logp), jnp.asarray(recomputed_old_logp))
+
+
+def group_rng(replace_seed: int, key, group: int) -> np.random.Generator:
+  """Per-group generator from (config seed, step key, group): new each step, reproducible."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = np.asarray(key, np.uint32).ravel().tolist()
+  return np.random.default_rng([int(replace_seed), *words, int(group)])
+
+
+# ----------------------------------------------------------------------------
+# Host driver.
+
+def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_fn, cfg,
+            lte_cfg, num_attempts=None, group_size: Optional[int] = None,
+            single_turn: bool = False) -> EpisodeResult:
+  """One LTE rollout step; see the module docstring.
+
+  Args:
+    cfg: the episode config: single_turn's (group_size, max_new_tokens,
+      sampling, rewards) or, with lte.episode="multi_attempt", multi_attempt's.
+      Hinted rollouts use the same budget and sampling.
+    lte_cfg: `default_config()` fields.
+    num_attempts, single_turn: passed to multi_attempt.rollout (multi_attempt only).
+    group_size: G; defaults to cfg.group_size.
+  Step 1 uses `key` exactly as the plain episode would (so with no all-fail
+  group the result is the plain one, bit for bit); hinted rollouts use
+  fold_in(key, 1).
+  """
+  episode = lte_cfg.get("episode", "single_turn")
+  if episode not in EPISODES:
+    raise ValueError(f"lte.episode must be one of {EPISODES}, got {episode!r}.")
+  G = int(group_size or cfg.group_size)
+  run = _episode_runner(episode, sampler, params, tokenizer, grade_fn=grade_fn, cfg=cfg,
+                        group_size=G, single_turn=single_turn)
+  base = run(problems, key=key, num_attempts=num_attempts)
+  if not lte_cfg.get("enabled", True):
+    return base
+  ok = np.array([m["status"] == "correct" for m in base.meta])
+  truncated = np.array([r.truncated for r in base.rows])
+  group_ids = np.array([r.group_id for r in base.rows])
+  codes = classify_groups(ok, truncated, group_ids, len(problems))
+  hinted = np.flatnonzero(is_all_fail(codes))
+  if hinted.size == 0:  # exactly the plain step
+    return dataclasses.replace(base, metrics={**base.metrics, **lte_metrics(codes, [], G, base)})
+
+  # Steps 3-4: one hinted rollout call for every all-fail group, G per group.
+  hinted_problems = []
+  for g in hinted:
+    hints = build_hint_set(*_wrong_answers(episode, base, np.flatnonzero(group_ids == g)),
+                           cap=lte_cfg.get("hint_cap", 10),
+                           max_chars=lte_cfg.get("hint_max_chars", 200))
+    text = hinted_problem(problems[g]["problem"], codes[g], hints,
+                          lte_cfg.get("hint_source", "wrong_answers"))
+    hinted_problems.append({**problems[g], "problem": text})
+  # Each hinted episode announces the N of the original episode in its place.
+  hinted_attempts = ([base.meta[r]["num_attempts"] for g in hinted
+                      for r in np.flatnonzero(group_ids == g)] if episode == "multi_attempt"
+                     else None)
+  extra = run(hinted_problems, key=jax.random.fold_in(key, 1), num_attempts=hinted_attempts,
+              pad_prompts_to=bucket_length(len(hinted), int(lte_cfg.get("hinted_min_prompts", 1))))
+  extra_ok = np.array([m["status"] == "correct" for m in extra.meta])
+  extra_cut = np.array([r.truncated for r in extra.rows])
+  extra_groups = np.array([r.group_id for r in extra.rows])
+
+  # Steps 5-6: replace, re-attach onto the unhinted prompt, mark off-policy.
+  replacements, unhinted, meta, successes = [], [], list(base.meta), []
+  for h, g in enumerate(hinted):
+    orig, new = np.flatnonzero(group_ids == g), np.flatnonzero(extra_groups == h)
+    successes.append(int(np.sum(extra_ok[new] & ~extra_cut[new])))  # G'
+    rng = group_rng(lte_cfg.get("replace_seed", 0), key, int(g))
+    for i, j in select_replacements(ok[orig], extra_ok[new], rng, extra_cut[new]):
+      replacements.append((orig[i], extra.rows[new[j]]))
+      unhinted.append(_unhinted_ids(episode, tokenizer, problems[g]["problem"],
+                                    base, orig[i], extra.meta[new[j]], single_turn))
+      meta[orig[i]] = {
+          **extra.meta[new[j]], "off_policy": True, "lte_class": CLASS_NAMES[int(codes[g])],
+          "hinted_prompt": _first_prompt(episode, hinted_problems[h]["problem"],
+                                         extra.meta[new[j]], single_turn),
+          "replaced_response": base.meta[orig[i]]["response"]}
+  if not replacements:  # G' = 0 everywhere: the batch is the plain one
+    return dataclasses.replace(base, metrics={**base.metrics,
+                                              **lte_metrics(codes, successes, G, base, extra)})
+  rows = reattach_responses(base.rows, replacements, unhinted)
+  result = EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
+                         metrics=dict(base.metrics))
+  result.metrics.update(lte_metrics(codes, successes, G, result, extra, base))
+  return result
+
+
+def _episode_runner(episode, sampler, params, tokenizer, *, grade_fn, cfg, group_size,
+                    single_turn):
+  """problems, key, num_attempts, pad_prompts_to -> EpisodeResult, for either episode kind."""
+  def run(problems, *, key, num_attempts=None, pad_prompts_to=None):
+    if episode == "single_turn":
+      return single_turn_lib.rollout(sampler, params, tokenizer, problems, key=key,
+                                     grade_fn=grade_fn, cfg=cfg, pad_prompts_to=pad_prompts_to)
+    del pad_prompts_to  # multi_attempt.rollout has no prompt padding (one compile per count)
+    return multi_attempt.rollout(sampler, params, tokenizer, problems, key=key,
+                                 grade_fn=grade_fn, cfg=cfg, num_attempts=num_attempts,
+                                 group_size=group_size, single_turn=single_turn)
+  return run
+
+
+def _first_prompt(episode, problem: str, meta: dict, single_turn: bool) -> str:
+  """The prompt text an episode of this kind starts from (its N for multi-attempt)."""
+  if episode == "single_turn":
+    return prompts.single_turn_prompt(problem)
+  return multi_attempt.first_prompt(problem, meta["num_attempts"], single_turn)
+
+
+def _unhinted_ids(episode, tokenizer, problem: str, base: EpisodeResult, row: int,
+                  hinted_meta: dict, single_turn: bool):
+  """Prompt(q) ids for a replacement: the replaced row's own prompt (the very ids
+  the plain step used), unless a multi-attempt episode announced another N."""
+  if episode == "single_turn" or base.meta[row]["num_attempts"] == hinted_meta["num_attempts"]:
+    return base.rows[row].prompt
+  return tokenizer.encode(_first_prompt(episode, problem, hinted_meta, single_turn))
+
+
+def _wrong_answers(episode, base: EpisodeResult, rows):
+  """(extracted, canonical, truncated) hint material of one group's rows.
+
+  Only answers graded "wrong" count: a grader timeout or error may hide a
+  correct answer, which must never be called wrong. Multi-attempt episodes
+  contribute every attempt's answer; those answers were complete (boxed)
+  even when a later attempt ran out of budget, so none counts as truncated.
+  """
+  if episode == "single_turn":
+    metas = [base.meta[r] for r in rows]
+    return ([m["extracted"] if m["status"] == "wrong" else None for m in metas],
+            [m["canonical"] for m in metas], [base.rows[r].truncated for r in rows])
+  from mars.rewards import canonical_answer
+  answers = [a for r in rows for a, g in zip(base.meta[r]["answers"], base.meta[r]["grades"])
+             if g == "wrong" and a is not None]
+  return answers, [canonical_answer(a) for a in answers], [False] * len(answers)
+
+
+def lte_metrics(codes, successes: Sequence[int], G: int, result: EpisodeResult,
+                extra: Optional[EpisodeResult] = None,
+                base: Optional[EpisodeResult] = None) -> dict:
+  """Group fractions (pre-replacement: the paper's key curves) and hint statistics.
+
+  successes: G' per hinted group; result: the final rows; extra: the hinted
+  rollouts; base: the step-1 rows (defaults to result). With no hinted group
+  the hint rates are 0 (see lte/hinted_groups).
+  """
+  codes = np.asarray(codes)
+  base = base or result
+  n = max(int(np.sum(codes != EMPTY)), 1)
+  frac = lambda mask: float(np.sum(mask) / n)
+  successes = np.asarray(successes, np.float64)
+  hinted = len(successes)
+  cut_frac = lambda rows: float(np.mean([r.truncated for r in rows])) if rows else 0.0
+  model_len = lambda rows: float(np.mean([r.is_model.sum() for r in rows])) if rows else 0.0
+  return {
+      "lte/all_fail_frac": frac(is_all_fail(codes)),
+      "lte/some_pass_frac": frac(codes == SOME_PASS),
+      "lte/all_pass_frac": frac(codes == ALL_PASS),
+      "lte/overlong_all_frac": frac(codes == OVERLONG_ALL),
+      "lte/overlong_some_frac": frac(codes == OVERLONG_SOME),
+      "lte/pass_none_frac": frac(codes == PASS_NONE),
+      "lte/overlong_frac": cut_frac(base.rows),          # rollouts, before replacement
+      "lte/response_length/mean": model_len(base.rows),  # model tokens, before replacement
+      "lte/hinted_groups": hinted,
+      "lte/hint_success_rate": float(successes.mean() / G) if hinted else 0.0,
+      "lte/hint_solved_frac": float(np.mean(successes > 0)) if hinted else 0.0,
+      "lte/all_replaced_groups": int(np.sum(successes >= G)),  # G' = G: zero advantage
+      "lte/off_policy_rows": int(sum(r.off_policy for r in result.rows)),
+      "lte/reward_mean_after": float(np.mean([r.reward for r in result.rows])),
+      "lte/hinted_truncated_frac": cut_frac(extra.rows) if extra else 0.0,
+      "lte/hinted_response_length/mean": model_len(extra.rows) if extra else 0.0,
+  }

@@ -1,0 +1,97 @@
+"""Single-turn GRPO groups: G samples per question, one prefill per question.
+
+    result = single_turn.rollout(sampler, params, tok, problems, key=key,
+                                 grade_fn=rewards.grade_batch, cfg=cfg)
+
+Rows are group-major (the sampler's layout): G samples of question 0, then
+question 1, ...; `group_id` is the question's index in this batch. The reward
+is binary: `reward_correct` for a correct answer, `reward_wrong` otherwise
+(no answer, timeout and grader errors included).
+"""
+from typing import Callable, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from mars import prompts
+from mars.episodes.packing import EpisodeResult, pack, rows_from_output
+from mars.sampling import SamplingParams
+from mars.tokenizer import left_pad
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      group_size=8,          # G rollouts per question (one prefill, n=G)
+      max_new_tokens=1024,   # response budget; hitting it marks the row truncated
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      reward_correct=1.0,
+      reward_wrong=0.0,
+  ))
+
+
+def sampling_params(cfg) -> SamplingParams:
+  return SamplingParams(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
+                        top_k=int(cfg.top_k))
+
+
+def response_text(tokenizer, response_ids) -> str:
+  """Decoded response up to (not including) the first stop token."""
+  ids = list(response_ids)
+  stops = [i for i, t in enumerate(ids) if t in tokenizer.stop_ids]
+  return tokenizer.decode(ids[:stops[0]] if stops else ids)
+
+
+def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key,
+            grade_fn: Callable, cfg, prompt_fn: Callable = prompts.single_turn_prompt,
+            prompts_text: Optional[Sequence[str]] = None,
+            pad_prompts_to: Optional[int] = None) -> EpisodeResult:
+  """Samples, grades and packs G = cfg.group_size rollouts per problem.
+
+  Args:
+    problems: dicts with `id`, `problem`, `answer`.
+    grade_fn: (responses: list[str], answers: list) -> list[Grade]; called once.
+    prompt_fn: problem text -> prompt text (ignored when `prompts_text` is given).
+    prompts_text: one rendered prompt per problem (LTE's hinted prompts).
+    pad_prompts_to: pads the prompt batch to this many rows (copies of the last
+      prompt) so that a varying number of prompts compiles one shape; the extra
+      samples are dropped before grading.
+  """
+  G = int(cfg.group_size)
+  texts = list(prompts_text) if prompts_text is not None else [
+      prompt_fn(p["problem"]) for p in problems]
+  if len(texts) != len(problems):
+    raise ValueError(f"rollout: {len(texts)} prompts for {len(problems)} problems.")
+  ids = tokenizer.encode_batch(texts)
+  ids += [ids[-1]] * max(0, (pad_prompts_to or 0) - len(ids))
+  tokens, mask = left_pad(ids, tokenizer.pad_id)
+  out = sampler.generate(params, tokens, mask, key=key, n=G,
+                         max_new_tokens=int(cfg.max_new_tokens), sampling=sampling_params(cfg))
+  rows = rows_from_output(out)[:len(problems) * G]
+
+  responses = [response_text(tokenizer, r.response) for r in rows]
+  answers = [p["answer"] for p in problems for _ in range(G)]
+  grades = list(grade_fn(responses, answers))
+  if len(grades) != len(rows):
+    raise ValueError(f"rollout: grade_fn returned {len(grades)} grades for {len(rows)} responses.")
+  reward_correct = float(getattr(cfg, "reward_correct", 1.0))
+  reward_wrong = float(getattr(cfg, "reward_wrong", 0.0))
+  meta = []
+  for i, (row, text, grade) in enumerate(zip(rows, responses, grades)):
+    row.group_id = i // G
+    row.reward = reward_correct if grade.correct else reward_wrong
+    meta.append(dict(problem_id=problems[i // G]["id"], response=text,
+                     extracted=grade.extracted, status=grade.status,
+                     canonical=grade.canonical, off_policy=False))
+  return EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
+                       metrics=rollout_metrics(rows, grades))
+
+
+def rollout_metrics(rows, grades) -> dict:
+  return {
+      "reward/mean": float(np.mean([r.reward for r in rows])),
+      "accuracy/mean": float(np.mean([g.correct for g in grades])),
+      "response_length/mean": float(np.mean([len(r.response) for r in rows])),
+      "truncated/frac": float(np.mean([r.truncated for r in rows])),
+  }
