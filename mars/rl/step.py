@@ -1,0 +1,427 @@
+"""The jitted, sharded RL update: logprob/value recompute, one train step, PPO epochs.
+
+    policy_opt = optim.make_optimizer(cfg.actor_optim)
+    state = init_train_state(params, policy_opt, critic_params, critic_opt)
+    shardings = train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+    state = jax.device_put(state, shardings)
+    train_step = make_train_step(model_cfg, rl_cfg, policy_opt, critic_opt, mesh, shardings)
+    state, metrics = ppo_epochs(train_step, state, batch, adv, returns, epochs, mb_size, key)
+
+Each call of `train_step` is one optimizer update on one minibatch: a
+`lax.scan` over micro-batches accumulates gradients, and every loss is divided
+by the *minibatch* count of tokens (or sequences), so accumulation gives the
+same update as one big batch. Micro-batches take every n-th row (strided), so
+that each one still spans all data×fsdp shards.
+
+rl_cfg fields (ml_collections.ConfigDict or dict; defaults in brackets):
+  eps_low [0.2], eps_high [0.2]   clip range of the on-policy ratio (clip-higher).
+  dual_clip_c [None]              dual-clip constant c > 1 for negative advantages.
+  offpolicy_gamma [0.1]           γ of f(r) = r/(r+γ) on `is_off_policy` rows.
+  offpolicy_behaviour_one [False] LUFFY: behaviour probability taken as 1.
+  agg_mode ["token-mean"]         token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.
+  max_len_norm [None]             Dr.GRPO constant (None: the padded length T).
+  kl_coef [0.0], kl_kind ["k3"]   KL(π‖π_ref) loss term (uses batch.ref_logp).
+  entropy_coef [0.0]              entropy bonus (subtracted from the loss).
+  value_clip [0.2]                critic value clip ε around batch.values (None: no clip).
+  vf_coef [1.0]                   scale of the critic loss (the critic has its own optimizer).
+  micro_batch_size [None]         rows per micro-batch (None: the whole minibatch).
+
+Feedback tokens (`transparent_mask`) are out of every loss: the contract keeps
+them outside `loss_mask`, and the step also masks them out (`loss_mask &
+~transparent_mask`), reporting any overlap as `transparent_in_loss_mask`.
+"""
+import functools
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mars import sharding
+from mars.batch import RolloutBatch
+from mars.models import qwen
+from mars.models.config import ModelConfig
+from mars.rl import critic as critic_lib
+from mars.rl import losses
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array              # [] int32: train_step calls, skipped ones included.
+  params: Params               # policy
+  opt_state: Any
+  critic_params: Optional[Params]
+  critic_opt_state: Any
+  skipped_updates: jax.Array   # [] int32: steps dropped by the non-finite guard.
+
+
+def init_train_state(params, policy_opt, critic_params=None, critic_opt=None) -> TrainState:
+  """Fresh state. The train step donates it: `params` are consumed by the first step."""
+  has_critic = critic_params is not None
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=policy_opt.init(params),
+      critic_params=critic_params,
+      critic_opt_state=critic_opt.init(critic_params) if has_critic else None,
+      skipped_updates=jnp.zeros((), jnp.int32))
+
+
+def _opt_state_shardings(opt, abstract_params, param_shardings, mesh):
+  """Moments follow their param's sharding; counters are replicated."""
+  abstract_state = jax.eval_shape(opt.init, abstract_params)
+  return optax.tree_map_params(opt, lambda _, s: s, abstract_state, param_shardings,
+                               transform_non_params=lambda _: sharding.replicated(mesh))
+
+
+def train_state_shardings(cfg: ModelConfig, mesh, policy_opt, critic_opt=None) -> TrainState:
+  """NamedShardings for every TrainState leaf, from the logical rules."""
+  sharding.check_heads(cfg.num_heads, mesh)
+  rep = sharding.replicated(mesh)
+  p_sh = sharding.tree_shardings(mesh, qwen.param_axes(cfg), qwen.param_shapes(cfg))
+  p_abs = jax.eval_shape(lambda: qwen.init_params(cfg, jax.random.key(0)))
+  c_sh = c_opt_sh = None
+  if critic_opt is not None:
+    c_sh = critic_lib.critic_shardings(cfg, mesh)
+    c_abs = jax.eval_shape(lambda p: critic_lib.init_critic(p, cfg, jax.random.key(0)), p_abs)
+    c_opt_sh = _opt_state_shardings(critic_opt, c_abs, c_sh, mesh)
+  return TrainState(step=rep, params=p_sh,
+                    opt_state=_opt_state_shardings(policy_opt, p_abs, p_sh, mesh),
+                    critic_params=c_sh, critic_opt_state=c_opt_sh, skipped_updates=rep)
+
+
+def batch_shardings(mesh) -> RolloutBatch:
+  """Rows of every RolloutBatch field over data×fsdp."""
+  two, one = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+  return RolloutBatch(
+      tokens=two, attention_mask=two, positions=two, loss_mask=two, transparent_mask=two,
+      behaviour_logp=two, old_logp=two, ref_logp=two, values=two,
+      reward=one, group_id=one, is_off_policy=one, truncated=one)
+
+
+# ----------------------------------------------------------------------------
+# Micro-batching.
+
+def _num_micro(batch_size: int, micro_batch_size: Optional[int]) -> int:
+  if not micro_batch_size or micro_batch_size >= batch_size:
+    return 1
+  if batch_size % micro_batch_size:
+    raise ValueError(f"batch of {batch_size} rows is not divisible by "
+                     f"micro_batch_size={micro_batch_size}.")
+  return batch_size // micro_batch_size
+
+
+def _split(x, n: int):
+  """[B, ...] -> [n, B/n, ...]; micro-batch i holds rows i, i+n, ... (spans every shard)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+
+def _merge(x):
+  """Inverse of `_split`."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _constrain_rows(tree):
+  return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + ("length",) * (x.ndim - 1)),
+                      tree)
+
+
+# ----------------------------------------------------------------------------
+# Logprob / value recompute.
+
+@functools.lru_cache(maxsize=None)
+def _recompute_fn(cfg: ModelConfig, mesh, micro_batch_size, what: str):
+  def run(params, tokens, attention_mask, positions):
+    with sharding.use_mesh(mesh):
+      n = _num_micro(tokens.shape[0], micro_batch_size)
+
+      def one(xs):
+        tok, am, pos = _constrain_rows(xs)
+        if what == "values":
+          return critic_lib.critic_values(cfg, params, tok, am, pos)
+        return qwen.logprobs_from_logits(qwen.forward(cfg, params, tok, am, pos), tok)
+
+      # lax.map: one micro-batch of logits alive at a time.
+      out = jax.lax.map(one, tuple(_split(x, n) for x in (tokens, attention_mask, positions)))
+      return sharding.constrain(_merge(out), ("batch", "length"))
+
+  if mesh is None:
+    return jax.jit(run)
+  p_sh = (critic_lib.critic_shardings(cfg, mesh) if what == "values" else
+          sharding.tree_shardings(mesh, qwen.param_axes(cfg), qwen.param_shapes(cfg)))
+  rows = sharding.batch_sharding(mesh, 2)
+  return jax.jit(run, in_shardings=(p_sh, rows, rows, rows), out_shardings=rows)
+
+
+def compute_logprobs(cfg: ModelConfig, params: Params, batch: RolloutBatch, *,
+                     micro_batch_size: Optional[int] = None, mesh=None):
+  """log π(tokens[:, t] | tokens[:, :t]) for a RolloutBatch: [B, T] f32, column 0 is 0.
+
+  Used for `old_logp` (policy params) and `ref_logp` (reference params). Runs
+  under the params' logical shardings with rows over data×fsdp when `mesh` is given.
+  """
+  if mesh is not None:
+    sharding.check_batch(micro_batch_size or batch.tokens.shape[0], mesh, "micro_batch_size")
+  fn = _recompute_fn(cfg, mesh, micro_batch_size, "logprobs")
+  return fn(params, batch.tokens, batch.attention_mask, batch.positions)
+
+
+def compute_values(cfg: ModelConfig, critic_params: Params, batch: RolloutBatch, *,
+                   micro_batch_size: Optional[int] = None, mesh=None):
+  """Critic values V(s_t) for a RolloutBatch: [B, T] f32 (see mars.rl.critic)."""
+  if mesh is not None:
+    sharding.check_batch(micro_batch_size or batch.tokens.shape[0], mesh, "micro_batch_size")
+  fn = _recompute_fn(cfg, mesh, micro_batch_size, "values")
+  return fn(critic_params, batch.tokens, batch.attention_mask, batch.positions)
+
+
+# ----------------------------------------------------------------------------
+# Losses of one micro-batch.
+
+def _get(cfg, key, default=None):
+  value = cfg.get(key, default)
+  return default if value is None else value
+
+
+def _loss_options(rl_cfg) -> dict:
+  """rl_cfg read once into plain Python values (closed over, never traced)."""
+  dual = rl_cfg.get("dual_clip_c", None)
+  max_len_norm = rl_cfg.get("max_len_norm", None)
+  value_clip = rl_cfg.get("value_clip", 0.2)
+  return dict(
+      eps_low=float(_get(rl_cfg, "eps_low", 0.2)),
+      eps_high=float(_get(rl_cfg, "eps_high", 0.2)),
+      dual_clip_c=None if dual is None else float(dual),
+      offpolicy_gamma=float(_get(rl_cfg, "offpolicy_gamma", 0.1)),
+      offpolicy_behaviour_one=bool(_get(rl_cfg, "offpolicy_behaviour_one", False)),
+      agg_mode=str(_get(rl_cfg, "agg_mode", "token-mean")),
+      max_len_norm=None if max_len_norm is None else float(max_len_norm),
+      kl_coef=float(_get(rl_cfg, "kl_coef", 0.0)),
+      kl_kind=str(_get(rl_cfg, "kl_kind", "k3")),
+      entropy_coef=float(_get(rl_cfg, "entropy_coef", 0.0)),
+      value_clip=None if value_clip is None else float(value_clip),
+      vf_coef=float(_get(rl_cfg, "vf_coef", 1.0)),
+      micro_batch_size=rl_cfg.get("micro_batch_size", None))
+
+
+def _train_mask(batch: RolloutBatch):
+  # Belt and braces: the contract already keeps transparent tokens out of loss_mask.
+  return batch.loss_mask.astype(bool) & ~batch.transparent_mask.astype(bool)
+
+
+def _loss_denominator(mask, agg_mode: str):
+  """The full-minibatch divisor that makes micro-batch losses sum to the big-batch loss."""
+  if agg_mode == "token-mean":
+    return jnp.sum(mask)
+  return jnp.sum(jnp.any(mask, axis=-1))
+
+
+def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, advantages,
+                     denominator):
+  """Scalar policy loss of one micro-batch and its metrics (differentiable in params)."""
+  mask = _train_mask(batch)
+  # Zero every input outside the mask: a NaN there (e.g. -inf behaviour logp on
+  # padding) would otherwise reach the gradient as 0 · NaN through jnp.where.
+  old_logp, ref_logp, advantages = (jnp.where(mask, x, 0.0) for x in
+                                    (batch.old_logp, batch.ref_logp, advantages))
+  agg = dict(agg_mode=opts["agg_mode"], max_len_norm=opts["max_len_norm"],
+             denominator=denominator)
+  logits = qwen.forward(cfg, params, batch.tokens, batch.attention_mask, batch.positions)
+  logp = qwen.logprobs_from_logits(logits, batch.tokens)
+  loss, metrics = losses.policy_loss(
+      logp, old_logp, advantages, mask, batch.is_off_policy,
+      eps_low=opts["eps_low"], eps_high=opts["eps_high"], dual_clip_c=opts["dual_clip_c"],
+      offpolicy_gamma=opts["offpolicy_gamma"],
+      offpolicy_behaviour_one=opts["offpolicy_behaviour_one"], **agg)
+  if opts["kl_coef"]:
+    kl = losses.kl_loss(logp, ref_logp, mask, opts["kl_kind"], **agg)
+    loss = loss + opts["kl_coef"] * kl
+    metrics["kl_loss"] = jax.lax.stop_gradient(kl)
+  if opts["entropy_coef"]:
+    # Logits at t−1 predict token t: shift so entropy sits on the token it scores.
+    logits_aligned = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0)))
+    entropy = losses.masked_entropy_mean(logits_aligned, mask, **agg)
+    loss = loss - opts["entropy_coef"] * entropy
+    metrics["entropy"] = jax.lax.stop_gradient(entropy)
+  metrics["policy_loss"] = jax.lax.stop_gradient(loss)
+  return loss, metrics
+
+
+def critic_objective(critic_params, cfg: ModelConfig, opts: dict, batch: RolloutBatch,
+                     returns, denominator):
+  mask = _train_mask(batch)
+  values = critic_lib.critic_values(cfg, critic_params, batch.tokens, batch.attention_mask,
+                                    batch.positions)
+  old_values, returns = jnp.where(mask, batch.values, 0.0), jnp.where(mask, returns, 0.0)
+  loss, metrics = losses.value_loss(values, old_values, returns, mask, opts["value_clip"],
+                                    opts["agg_mode"], opts["max_len_norm"], denominator)
+  return opts["vf_coef"] * loss, metrics
+
+
+# Metrics that add up over micro-batches (losses divided by the minibatch count, counts);
+# the rest are per-micro-batch means, recombined weighted by trained tokens.
+_SUMMED = ("pg_loss", "kl_loss", "entropy", "policy_loss", "vf_loss", "num_tokens_on",
+           "num_tokens_off")
+
+
+def _combine_micro_metrics(stacked: dict, weights):
+  out = {}
+  for k, v in stacked.items():
+    if k in _SUMMED:
+      out[k] = jnp.sum(v, axis=0)
+    elif k.startswith("ratio_max"):
+      out[k] = jnp.max(v, axis=0)
+    else:
+      out[k] = jnp.sum(v * weights, axis=0)
+  return out
+
+
+def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
+                         batch: RolloutBatch, advantages, returns):
+  """Summed gradients over micro-batches == gradients of the whole minibatch.
+
+  Returns (policy_loss, policy_grads, critic_loss, critic_grads, metrics); the
+  critic entries are None without a critic. Gradients are f32.
+  """
+  mask = _train_mask(batch)
+  denominator = _loss_denominator(mask, opts["agg_mode"])
+  n = _num_micro(batch.tokens.shape[0], opts["micro_batch_size"])
+  micro = jax.tree.map(lambda x: _split(x, n), (batch, advantages, returns))
+  has_critic = critic_params is not None
+  zeros = lambda tree: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), tree)
+  policy_grad_fn = jax.value_and_grad(policy_objective, has_aux=True)
+  critic_grad_fn = jax.value_and_grad(critic_objective, has_aux=True)
+
+  def body(carry, xs):
+    p_loss, p_grads, c_loss, c_grads = carry
+    mb, adv, ret = _constrain_rows(xs)
+    (loss, metrics), grads = policy_grad_fn(params, cfg, opts, mb, adv, denominator)
+    p_loss = p_loss + loss
+    p_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), p_grads, grads)
+    if has_critic:
+      (closs, cmetrics), cgrads = critic_grad_fn(critic_params, cfg, opts, mb, ret, denominator)
+      c_loss = c_loss + closs
+      c_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), c_grads, cgrads)
+      metrics.update(cmetrics)
+    metrics["micro_tokens"] = jnp.sum(_train_mask(mb)).astype(jnp.float32)
+    return (p_loss, p_grads, c_loss, c_grads), metrics
+
+  init = (jnp.zeros((), jnp.float32), zeros(params), jnp.zeros((), jnp.float32),
+          zeros(critic_params) if has_critic else None)
+  (p_loss, p_grads, c_loss, c_grads), stacked = jax.lax.scan(body, init, micro)
+  micro_tokens = stacked.pop("micro_tokens")
+  metrics = _combine_micro_metrics(stacked, micro_tokens / jnp.maximum(jnp.sum(micro_tokens), 1))
+  metrics["num_loss_tokens"] = jnp.sum(micro_tokens)
+  metrics["transparent_in_loss_mask"] = jnp.sum(
+      batch.loss_mask.astype(bool) & batch.transparent_mask.astype(bool))
+  return p_loss, p_grads, (c_loss if has_critic else None), c_grads, metrics
+
+
+# ----------------------------------------------------------------------------
+# The train step.
+
+def _select(ok, new, old):
+  """new where ok else old, leaf by leaf: a skipped step leaves every bit unchanged."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTransformation,
+                    critic_opt: Optional[optax.GradientTransformation] = None, mesh=None,
+                    state_shardings: Optional[TrainState] = None):
+  """Jitted `fn(state, batch, advantages [B,T], returns [B,T]) -> (state, metrics)`.
+
+  One optimizer update per call (gradient accumulation inside). The state is
+  donated. With a mesh, params and optimizer state follow `state_shardings`
+  (default: `train_state_shardings`), batch rows go over data×fsdp, metrics are
+  replicated. A non-finite loss or gradient norm (policy or critic) skips the
+  whole update: params and optimizer states keep their exact old values and
+  `skipped_updates` counts it.
+  """
+  opts = _loss_options(rl_cfg)
+
+  def step(state: TrainState, batch: RolloutBatch, advantages, returns):
+    with sharding.use_mesh(mesh):
+      has_critic = state.critic_params is not None
+      p_loss, p_grads, c_loss, c_grads, metrics = accumulate_gradients(
+          model_cfg, opts, state.params, state.critic_params, batch, advantages, returns)
+      grad_norm = optax.tree.norm(p_grads)
+      ok = jnp.isfinite(p_loss) & jnp.isfinite(grad_norm)
+      updates, opt_state = policy_opt.update(p_grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics["grad_norm"] = grad_norm
+      critic_params, critic_opt_state = state.critic_params, state.critic_opt_state
+      if has_critic:
+        c_norm = optax.tree.norm(c_grads)
+        ok = ok & jnp.isfinite(c_loss) & jnp.isfinite(c_norm)
+        c_updates, critic_opt_state = critic_opt.update(c_grads, state.critic_opt_state,
+                                                        state.critic_params)
+        critic_params = optax.apply_updates(state.critic_params, c_updates)
+        critic_params = _select(ok, critic_params, state.critic_params)
+        critic_opt_state = _select(ok, critic_opt_state, state.critic_opt_state)
+        metrics["critic_grad_norm"] = c_norm
+        metrics["critic_loss"] = c_loss
+      skipped = state.skipped_updates + (~ok).astype(jnp.int32)
+      new_state = TrainState(
+          step=state.step + 1, params=_select(ok, params, state.params),
+          opt_state=_select(ok, opt_state, state.opt_state),
+          critic_params=critic_params, critic_opt_state=critic_opt_state,
+          skipped_updates=skipped)
+      metrics["loss"] = p_loss
+      metrics["skipped"] = (~ok).astype(jnp.int32)
+      metrics["skipped_updates"] = skipped
+      return new_state, metrics
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  if state_shardings is None:
+    state_shardings = train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  rows = sharding.batch_sharding(mesh, 2)
+  jitted = jax.jit(step, donate_argnums=0,
+                   in_shardings=(state_shardings, batch_shardings(mesh), rows, rows),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+  micro = opts["micro_batch_size"]
+
+  def checked(state, batch, advantages, returns):
+    # A clear error before compiling, rather than an XLA sharding failure.
+    sharding.check_batch(batch.tokens.shape[0], mesh, "minibatch")
+    sharding.check_batch(micro or batch.tokens.shape[0], mesh, "micro_batch_size")
+    return jitted(state, batch, advantages, returns)
+
+  checked.jitted = jitted
+  return checked
+
+
+# ----------------------------------------------------------------------------
+# PPO epochs (host loop).
+
+@jax.jit
+def _take_rows(tree, idx):
+  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree)
+
+
+def ppo_epochs(train_step, state: TrainState, batch: RolloutBatch, advantages, returns,
+               num_epochs: int, minibatch_size: int, key: jax.Array):
+  """`num_epochs` passes over the rollout batch in seeded random minibatches.
+
+  Returns (state, metrics): metrics averaged over all updates, except
+  `skipped_updates` (the running total after the last one) and `num_updates`.
+  """
+  num_rows = batch.tokens.shape[0]
+  if num_rows % minibatch_size:
+    raise ValueError(f"rollout batch of {num_rows} rows is not divisible by "
+                     f"minibatch_size={minibatch_size}.")
+  history = []
+  for epoch in range(num_epochs):
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), num_rows))
+    for start in range(0, num_rows, minibatch_size):
+      idx = jnp.asarray(perm[start:start + minibatch_size])
+      mb, adv, ret = _take_rows((batch, advantages, returns), idx)
+      state, metrics = train_step(state, mb, adv, ret)
+      history.append(metrics)
+  history = jax.device_get(history)
+  out = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+  out["skipped_updates"] = int(history[-1]["skipped_updates"])
+  out["num_updates"] = len(history)
+  return state, out
