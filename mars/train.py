@@ -90,10 +90,26 @@ def load_policy(config, workdir: str, mesh):
   from mars import demo_task
   tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
   tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
-  model_cfg = demo_task.tiny_model_config(tokenizer.vocab_size).replace(
-      param_dtype=dtype, dtype=compute, remat=config.model.remat)
+  model_cfg = demo_model_config(config, workdir, tokenizer)
   params = models.init_params(model_cfg, jax.random.key(config.seed))
   return tokenizer, model_cfg, params, False
+
+
+def demo_model_config(config, workdir: str, tokenizer):
+  """The demo model's shape, saved with the run (HF config.json form) so the
+  run stays loadable even if the demo's default shape changes later."""
+  path = os.path.join(workdir, "model_config.json")
+  if os.path.exists(path):
+    model_cfg = models.load_config(path)
+  else:
+    from mars import demo_task
+    model_cfg = demo_task.tiny_model_config(tokenizer.vocab_size)
+    if distributed.is_main_process():
+      with open(path, "w") as f:
+        json.dump(models.to_hf_dict(model_cfg), f, indent=2)
+  dtype = config.model.dtype
+  return model_cfg.replace(param_dtype=dtype, dtype=config.model.compute_dtype or dtype,
+                           remat=config.model.remat)
 
 
 def warm_start(config, model_cfg, params, tokenizer, mesh):
@@ -276,9 +292,7 @@ def load_policy_abstract(config, workdir: str):
   from mars import demo_task
   tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
   tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
-  model_cfg = demo_task.tiny_model_config(tokenizer.vocab_size).replace(
-      param_dtype=dtype, dtype=compute, remat=config.model.remat)
-  return tokenizer, model_cfg, None, False
+  return tokenizer, demo_model_config(config, workdir, tokenizer), None, False
 
 
 # ----------------------------------------------------------------------------

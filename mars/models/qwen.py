@@ -225,7 +225,7 @@ def cache_axes():
 
 
 def extend(cfg: ModelConfig, params: Params, tokens, positions, token_mask,
-           cache: KVCache, *, return_hidden: bool = False):
+           cache: KVCache, *, return_hidden: bool = False, last_only: bool = False):
   """Runs T new tokens per row through the model on top of `cache`.
 
   Writes their K/V at cache columns [index, index+T) for every row, marks
@@ -257,15 +257,17 @@ def extend(cfg: ModelConfig, params: Params, tokens, positions, token_mask,
   xs = (params["layers"], jnp.arange(cfg.num_layers))
   (h, ck, cv), _ = jax.lax.scan(layer, (h0, cache.k, cache.v), xs)
   new_cache = KVCache(k=ck, v=cv, valid=valid, index=start + T)
+  if last_only:  # a prefill only needs the next-token logits: skip [B, T, V]
+    h = h[:, -1:]
   return _final(cfg, params, h, return_hidden), new_cache
 
 
-def prefill(cfg, params, tokens, attention_mask, max_len: int):
-  """Left-padded prompt batch → (logits, cache of length `max_len`)."""
+def prefill(cfg, params, tokens, attention_mask, max_len: int, last_only: bool = False):
+  """Left-padded prompt batch → (logits [B, T or 1, V], cache of length `max_len`)."""
   attention_mask = attention_mask.astype(bool)
   positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
   cache = init_cache(cfg, tokens.shape[0], max_len)
-  return extend(cfg, params, tokens, positions, attention_mask, cache)
+  return extend(cfg, params, tokens, positions, attention_mask, cache, last_only=last_only)
 
 
 def decode_step(cfg, params, token, position, cache: KVCache):

@@ -135,7 +135,7 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, key, max_new, *, n, cache_
              pad_id):
   """Prefills B prompts once and fans the cache out to B·n rows (group-major)."""
   B, P = prompt_tokens.shape
-  logits, cache = qwen.prefill(cfg, params, prompt_tokens, prompt_mask, cache_len)
+  logits, cache = qwen.prefill(cfg, params, prompt_tokens, prompt_mask, cache_len, last_only=True)
   rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
   cache = qwen.KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), valid=rep(cache.valid),
                        index=cache.index)

@@ -61,7 +61,7 @@ def select_tokens(logits, key, temperature, top_p, top_k):
   logits = logits.astype(jnp.float32)
   greedy = temperature <= 0.0
   scaled = logits / jnp.where(greedy, 1.0, temperature)
-  needs_filter = (top_p < 1.0) | (top_k > 0)
+  needs_filter = ~greedy & ((top_p < 1.0) | (top_k > 0))  # greedy never needs the sort
   scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s, scaled)
   sampled = jax.random.categorical(key, scaled, axis=-1)
   tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
