@@ -12,7 +12,7 @@ setuptools.setup(
         "flax>=0.10",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
-        "transformers>=4.45",
+        "transformers>=5.0",
         "safetensors>=0.4",
         "ml_dtypes>=0.4",
         "tensorflow-datasets>=4.9.7",

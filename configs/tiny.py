@@ -39,8 +39,8 @@ def get_config():
   c.rl.kl_coef = 0.0
   c.actor_optim.lr = 1e-3
   c.actor_optim.grad_clip = 1.0
-  c.sft.steps = 60
-  c.sft.batch_size = 32
+  c.sft.steps = 150
+  c.sft.batch_size = 16
   c.sft.lr = 3e-3
   c.train.steps = 60
   c.train.ckpt_every = 10

@@ -30,6 +30,7 @@ from mars.models.config import ModelConfig
 SOURCE = "candidates"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2.
 _BUILD_INFO = "mars_demo_tokenizer.json"
+INIT_STD = 0.05
 
 
 class CandidateTask:
@@ -109,7 +110,8 @@ def tokenizer_corpus(seed: int = 0, num_problems: int = 600) -> list:
         prompts.single_turn_prompt(row["problem"]) + first + prompts.IM_END,
         prompts.multi_attempt_prompt(row["problem"], n)
         + (first.removesuffix(".") if closed else first + prompts.IM_END)
-        + prompts.feedback_turn(max(n - 1, 1), close_assistant=closed) + second + prompts.IM_END + "\n",
+        + prompts.feedback_turn(max(n - 1, 1), close_assistant=closed)
+        + second + prompts.IM_END + "\n",
     ]
   return texts
 
@@ -117,6 +119,7 @@ def tokenizer_corpus(seed: int = 0, num_problems: int = 600) -> list:
 def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> str:
   """Trains (or reuses) the demo's byte-level BPE tokenizer; returns `out_dir`.
 
+  `vocab_size` is a cap: the corpus runs out of merges near 413 tokens.
   Byte-level, so any text round-trips exactly. Digits are split one by one,
   as in Qwen's own tokenizer: a number is the same digit tokens in the
   prompt and in \\boxed{}, so copying a candidate is a plain attention match.
@@ -131,6 +134,8 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
         return out_dir
     raise ValueError(f"{out_dir} holds a demo tokenizer built with other settings "
                      f"({info_path}); use another directory.")
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise ValueError(f"{out_dir} is not empty and holds no demo tokenizer; use another directory.")
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   # Build aside and rename: concurrent processes never see a partial directory.
@@ -172,13 +177,30 @@ def _train_tokenizer(vocab_size: int, seed: int):
 # Model and warm-start data.
 
 def tiny_model_config(vocab_size: int, **overrides) -> ModelConfig:
-  """A Qwen3-architecture decoder small enough to train on 2 CPU cores."""
+  """A Qwen3-architecture decoder small enough to train on 2 CPU cores.
+
+  Untied embeddings: with tied ones the digits' shared output role ("a digit
+  comes after {") pulls their input embeddings together and copying a
+  candidate from the prompt took several times more SFT steps (or never came).
+  Many narrow heads likewise find the copying head sooner than 4 wide ones.
+  """
   base = dict(model_type="qwen3", vocab_size=vocab_size, hidden_size=64,
-              intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
-              head_dim=32, qk_norm=True, qkv_bias=False, tie_word_embeddings=True,
+              intermediate_size=192, num_layers=2, num_heads=8, num_kv_heads=4,
+              head_dim=16, qk_norm=True, qkv_bias=False, tie_word_embeddings=False,
               rope_theta=10_000.0, max_position_embeddings=1024)
   base.update(overrides)
   return ModelConfig(**base)
+
+
+def init_demo_params(cfg: ModelConfig, key):
+  """Random init at the tiny model's scale.
+
+  std 0.05 (about 0.4 / sqrt(hidden)) instead of the LLM-scale 0.02: at width
+  64 the smaller init left SFT on the uniform-over-digits plateau for
+  hundreds of steps before the copying head formed.
+  """
+  from mars.models import qwen
+  return qwen.init_params(cfg, key, std=INIT_STD)
 
 
 def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
@@ -212,7 +234,8 @@ def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
       wrong = rng.choice([c for c in candidates if str(c) != row["answer"]])
       # closed: the episode cut the turn right after the box (no "." or <|im_end|>).
       closed = bool(rng.integers(2))
-      prompt += answer_text(wrong).removesuffix(".") if closed else answer_text(wrong) + prompts.IM_END
+      first = answer_text(wrong)
+      prompt += first.removesuffix(".") if closed else first + prompts.IM_END
       prompt += prompts.feedback_turn(attempts - 1, close_assistant=closed)
     examples.append((prompt, response))
   return examples

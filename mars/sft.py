@@ -10,6 +10,7 @@ are scored. The optimizer is mars.rl.optim's AdamW (warmup + cosine, global-
 norm clip), and batches come from seeded epoch permutations: the same seed
 gives the same params.
 """
+import functools
 import logging
 import time
 from typing import Optional, Sequence
@@ -71,6 +72,22 @@ def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np
   return order[:steps * batch_size].reshape(steps, batch_size)
 
 
+@functools.lru_cache(maxsize=8)
+def _train_step(cfg: ModelConfig, mesh, opt_cfg: tuple):
+  """(optimizer, jitted step), cached: repeated runs with one setup compile once."""
+  optimizer = optim.make_optimizer(dict(opt_cfg))
+
+  def train_step(params, opt_state, tokens, attention_mask, loss_mask):
+    with sharding.use_mesh(mesh):
+      (loss, aux), grads = jax.value_and_grad(
+          lambda p: response_loss(cfg, p, tokens, attention_mask, loss_mask), has_aux=True)(params)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = jax.tree.map(jnp.add, params, updates)
+    return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+  return optimizer, jax.jit(train_step, donate_argnums=(0, 1))
+
+
 def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *, steps: int,
               batch_size: int, lr: float, seed: int, mesh=None, warmup_steps: Optional[int] = None,
               weight_decay: float = 0.0, grad_clip: float = 1.0, log_every: int = 10):
@@ -84,9 +101,11 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
   if steps < 1 or batch_size < 1:
     raise ValueError(f"sft_train: steps ({steps}) and batch_size ({batch_size}) must be >= 1.")
   warmup = min(steps // 10, 20) if warmup_steps is None else warmup_steps
-  opt_cfg = {"lr": lr, "warmup_steps": warmup, "schedule": "cosine", "total_steps": steps,
-             "min_lr_ratio": 0.1, "weight_decay": weight_decay, "grad_clip": grad_clip}
-  optimizer, schedule = optim.make_optimizer(opt_cfg), optim.make_schedule(opt_cfg)
+  opt_cfg = (("lr", lr), ("warmup_steps", warmup), ("schedule", "cosine"),
+             ("total_steps", steps), ("min_lr_ratio", 0.1), ("weight_decay", weight_decay),
+             ("grad_clip", grad_clip))
+  optimizer, train_step = _train_step(cfg, mesh, opt_cfg)
+  schedule = optim.make_schedule(dict(opt_cfg))
   data = pack_examples(tokenizer, examples)
   order = batch_order(len(examples), batch_size, steps, seed)
 
@@ -99,15 +118,6 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
     rows = sharding.batch_sharding(mesh, 2)
   opt_state = jax.jit(optimizer.init)(params)  # follows the params' sharding
 
-  def train_step(params, opt_state, tokens, attention_mask, loss_mask):
-    with sharding.use_mesh(mesh):
-      (loss, aux), grads = jax.value_and_grad(
-          lambda p: response_loss(cfg, p, tokens, attention_mask, loss_mask), has_aux=True)(params)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      params = jax.tree.map(jnp.add, params, updates)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-
-  train_step = jax.jit(train_step, donate_argnums=(0, 1))
   device_metrics, start = [], time.time()
   for step, idx in enumerate(order, start=1):
     batch = tuple(x[idx] for x in data)

@@ -91,7 +91,7 @@ def load_policy(config, workdir: str, mesh):
   tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
   tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
   model_cfg = demo_model_config(config, workdir, tokenizer)
-  params = models.init_params(model_cfg, jax.random.key(config.seed))
+  params = demo_task.init_demo_params(model_cfg, jax.random.key(config.seed))
   return tokenizer, model_cfg, params, False
 
 
