@@ -309,5 +309,21 @@ def episode_metrics(episodes: Sequence[rules.Episode], rows, max_k: int) -> dict
       "tokens_per_episode/mean": float(np.mean([r.is_model.sum() for r in rows])),
       "feedback_tokens/mean": float(np.mean([(~r.is_model).sum() for r in rows])),
       "budget_hit/frac": float(np.mean([ep.status == "budget" for ep in episodes])),
+      "attempts/repeat_frac": repeat_fraction(episodes),
   })
   return metrics
+
+
+def repeat_fraction(episodes) -> float:
+  """Of the attempts after the first, the fraction that re-give an answer the
+  episode already had rejected: the failure mode multi-attempt RL should fix."""
+  later = repeats = 0
+  for ep in episodes:
+    seen = set()
+    for i, answer in enumerate(ep.answers):
+      if i and answer is not None:
+        later += 1
+        repeats += answer in seen
+      if answer is not None:
+        seen.add(answer)
+  return repeats / later if later else 0.0
