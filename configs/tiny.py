@@ -23,7 +23,7 @@ def get_config():
   c.rl.adv_estimator = "grpo"
   c.model.path = ""                  # the demo model; no downloads
   c.data.name = "candidates"
-  c.data.candidates_k = 4
+  c.data.candidates_k = 3
   c.data.prompts_per_step = 16
   c.rollout.group_size = 8
   c.rollout.temperature = 1.0
@@ -39,10 +39,10 @@ def get_config():
   c.rl.kl_coef = 0.0
   c.actor_optim.lr = 1e-3
   c.actor_optim.grad_clip = 1.0
-  c.sft.steps = 150
+  c.sft.steps = 300
   c.sft.batch_size = 16
   c.sft.lr = 3e-3
-  c.train.steps = 60
+  c.train.steps = 50
   c.train.ckpt_every = 10
   c.train.keep = 2
   c.train.grader_workers = 2
