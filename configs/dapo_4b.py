@@ -2,16 +2,11 @@
 dynamic sampling (drop all-equal groups and resample), token-mean loss,
 overlong reward shaping (4096-token buffer), no KL. Other values as grpo_4b.py.
 Assumptions: 3 resample rounds at most per step."""
-import importlib.util
-import os
+from mars import config as mars_config
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo_4b.py")
-  spec = importlib.util.spec_from_file_location("grpo_4b", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = mars_config.sibling(__file__, 'grpo_4b.py')
   c.algorithm = "dapo"
   c.rl.eps_low = 0.2
   c.rl.eps_high = 0.28

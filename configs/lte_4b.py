@@ -8,20 +8,11 @@ From the paper / issue: G=8, T=1.0, max response 8192, lr 1e-6 constant,
 `--config.rl.entropy_coef=0.001` (0.001 is our assumption; the paper gives none).
 Assumptions: hint list capped at 8 answers; the rest as in grpo_4b.py.
 """
-import importlib.util
-import os
-
-
-def _load(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-  spec = importlib.util.spec_from_file_location(name[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from mars import config as mars_config
 
 
 def get_config():
-  c = _load("grpo_4b.py")
+  c = mars_config.sibling(__file__, 'grpo_4b.py')
   c.lte.enabled = True
   c.lte.hint_cap = 8
   c.lte.hint_source = "wrong_answers"

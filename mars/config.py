@@ -187,3 +187,20 @@ def validate(c, num_devices: int = None) -> None:
     raise ConfigError(f"rollout.top_p must be in (0, 1], got {c.rollout.top_p}.")
   if c.train.steps < 1:
     raise ConfigError(f"train.steps must be >= 1, got {c.train.steps}.")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of a config .py file (how configs build on each other)."""
+  import importlib.util
+  import os
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"mars_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """get_config() of configs/<name> next to `config_file` (pass __file__)."""
+  import os
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))

@@ -404,6 +404,7 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
   problems = run.pipeline.next_batch()
   result = rollout(run, problems, k_roll, step)
   result = maybe_dynamic_sampling(run, result, k_roll)
+  result = maybe_overlong_shaping(run, result)
   t1 = time.perf_counter()
   batch, recomputed = prepare_batch(run, result.batch)
   adv, ret = adv_fn(batch)
@@ -470,6 +471,19 @@ def maybe_dynamic_sampling(run: Run, result, key):
   metrics = dict(result.metrics, **{"dapo/kept_groups": len(kept), "dapo/resample_rounds": rounds})
   return packing.EpisodeResult(rows=rows, batch=packing.pack(rows, run.tokenizer.pad_id),
                                meta=meta, metrics=metrics)
+
+
+def maybe_overlong_shaping(run: Run, result):
+  """DAPO soft overlong punishment added to each row's reward (rl.overlong_buffer > 0)."""
+  c = run.config
+  if not c.rl.overlong_buffer:
+    return result
+  max_len = c.episode.budget if c.episode.kind == "multi_attempt" else c.rollout.max_new_tokens
+  lengths = np.asarray(result.batch.loss_mask).sum(-1)
+  shaped = np.asarray(advantages.overlong_reward_shaping(lengths, max_len, c.rl.overlong_buffer))
+  batch = result.batch.replace(reward=np.asarray(result.batch.reward) + shaped)
+  metrics = dict(result.metrics, **{"dapo/overlong_penalty_mean": float(shaped.mean())})
+  return dataclasses.replace(result, batch=batch, metrics=metrics)
 
 
 def save_checkpoint(run: Run, step: int, force: bool = False):

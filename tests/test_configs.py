@@ -3,7 +3,6 @@
 No weights: the model shape comes from the real config.json in ../shared, the
 state from jax.eval_shape, the layout from the logical sharding rules.
 """
-import importlib.util
 import pathlib
 
 import jax
@@ -20,10 +19,7 @@ MODEL_DIRS = {"Qwen/Qwen2.5-Math-1.5B": "qwen2.5-math-1.5b",
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return mars_config.load_config_file(str(CONFIGS / f"{name}.py"))
 
 
 @pytest.mark.parametrize("name", ["multi_attempt_1p5b", "ppo_single_turn_1p5b", "grpo_4b",

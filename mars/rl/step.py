@@ -378,8 +378,9 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
   if state_shardings is None:
     state_shardings = train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
   rows = sharding.batch_sharding(mesh, 2)
+  batch_sh = batch_shardings(mesh)
   jitted = jax.jit(step, donate_argnums=0,
-                   in_shardings=(state_shardings, batch_shardings(mesh), rows, rows),
+                   in_shardings=(state_shardings, batch_sh, rows, rows),
                    out_shardings=(state_shardings, sharding.replicated(mesh)))
   micro = opts["micro_batch_size"]
 
@@ -387,6 +388,10 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     # A clear error before compiling, rather than an XLA sharding failure.
     sharding.check_batch(batch.tokens.shape[0], mesh, "minibatch")
     sharding.check_batch(micro or batch.tokens.shape[0], mesh, "micro_batch_size")
+    # Rows gathered on the host side (e.g. PPO minibatches) may arrive with another
+    # layout; put them on the declared one (a no-op when they already match).
+    batch, advantages, returns = jax.device_put((batch, advantages, returns),
+                                                (batch_sh, rows, rows))
     return jitted(state, batch, advantages, returns)
 
   checked.jitted = jitted
