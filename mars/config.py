@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.max_new_tokens = 1024
   c.rollout.reward_correct = 1.0  # single-turn rewards (binary by default)
   c.rollout.reward_wrong = 0.0
+  c.rollout.truncated_is_failure = True  # cut at max_new_tokens = fail (LTE's "overlong")
 
   c.episode = ml_collections.ConfigDict()
   c.episode.kind = "single_turn"  # single_turn | multi_attempt

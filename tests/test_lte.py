@@ -507,7 +507,10 @@ def test_single_turn_rollout_rows_rewards_meta(sampler, model, tokenizer):
   batch = result.batch
   assert len(grader.calls[0]) == 3 * G and batch.tokens.shape[0] == 3 * G
   assert batch.group_id.tolist() == np.repeat(np.arange(3), G).tolist()
-  assert batch.reward.tolist() == [1.0 if i % 3 == 0 else -0.5 for i in range(3 * G)]
+  # Truncated rollouts fail even when graded correct (rollout.truncated_is_failure).
+  assert batch.reward.tolist() == [1.0 if i % 3 == 0 and not batch.truncated[i] else -0.5
+                                   for i in range(3 * G)]
+  assert batch.truncated.any() and (~batch.truncated).any()  # both cases are exercised
   assert not batch.is_off_policy.any()
   P = int(np.argmax(batch.loss_mask.any(0)))
   for i, (row, meta) in enumerate(zip(result.rows, result.meta)):
@@ -522,6 +525,15 @@ def test_single_turn_rollout_rows_rewards_meta(sampler, model, tokenizer):
   assert m["reward/mean"] == pytest.approx(float(batch.reward.mean()))
   assert m["truncated/frac"] == pytest.approx(float(batch.truncated.mean()))
   assert m["response_length/mean"] == pytest.approx(float(batch.loss_mask.sum(1).mean()))
+
+
+def test_truncated_is_failure_can_be_turned_off(sampler, model, tokenizer):
+  grader = ScriptedGrader(lambda i: Grade("correct", "6", "6"))
+  cfg = _cfg()
+  cfg.truncated_is_failure = False
+  result = single_turn.rollout(sampler, model[1], tokenizer, PROBLEMS[:3], key=jax.random.key(9),
+                               grade_fn=grader, cfg=cfg, pad_prompts_to=4)
+  assert (result.batch.reward == 1.0).all()
 
 
 def test_single_turn_rejects_a_short_grade_list(sampler, model, tokenizer):

@@ -27,7 +27,7 @@ def default_config() -> ml_collections.ConfigDict:
       top_p=1.0,
       top_k=0,
       reward_correct=1.0,
-      reward_wrong=0.0,
+      reward_wrong=0.0, truncated_is_failure=True,
   ))
 
 
@@ -77,10 +77,14 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key,
     raise ValueError(f"rollout: grade_fn returned {len(grades)} grades for {len(rows)} responses.")
   reward_correct = float(getattr(cfg, "reward_correct", 1.0))
   reward_wrong = float(getattr(cfg, "reward_wrong", 0.0))
+  # A rollout cut at the length limit is a failure (the LTE paper's "overlong"),
+  # even if a box appeared before the cut: otherwise never stopping is free.
+  truncated_fails = bool(getattr(cfg, "truncated_is_failure", True))
   meta = []
   for i, (row, text, grade) in enumerate(zip(rows, responses, grades)):
     row.group_id = i // G
-    row.reward = reward_correct if grade.correct else reward_wrong
+    passed = grade.correct and not (truncated_fails and row.truncated)
+    row.reward = reward_correct if passed else reward_wrong
     meta.append(dict(problem_id=problems[i // G]["id"], response=text,
                      extracted=grade.extracted, status=grade.status,
                      canonical=grade.canonical, off_policy=False))
