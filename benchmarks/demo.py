@@ -89,9 +89,11 @@ def main(argv=None):
       entry["repeat_frac_first5"] = mean_of(rows, "attempts/repeat_frac")
       entry["repeat_frac_last5"] = mean_of(rows, "attempts/repeat_frac", first=False)
     else:
-      entry["all_fail_first5"] = mean_of(rows, "lte/all_fail_frac")
-      entry["all_fail_last5"] = mean_of(rows, "lte/all_fail_frac", first=False)
-      entry["all_fail_mean"] = mean_of(rows, "lte/all_fail_frac", n=len(rows))
+      # The policy's own all-fail rate, before any LTE replacement.
+      key = "lte/all_fail_frac" if name == "lte" else "groups/all_fail_frac"
+      entry["all_fail_first5"] = mean_of(rows, key)
+      entry["all_fail_last5"] = mean_of(rows, key, first=False)
+      entry["all_fail_mean"] = mean_of(rows, key, n=len(rows))
     result[name] = entry
     if args.out:
       with open(args.out, "w") as f:

@@ -429,9 +429,24 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
       "time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2,
       "time/step_s": t3 - t0, "compile_count/sampler": sampling.compile_count(),
   })
+  m.update(group_outcomes(result.batch, c.rollout.group_size))
   if "time/grade_s" in result.metrics:
     m["time/generate_s"] = m["time/rollout_s"] - result.metrics["time/grade_s"]
   return m
+
+
+def group_outcomes(batch, group_size: int) -> dict:
+  """Fractions of all-fail / some-pass / all-pass groups in the trained batch
+  (a row passes when its reward is > 0). For LTE runs this is after
+  replacement; lte/* metrics hold the pre-replacement fractions."""
+  if group_size < 2:
+    return {}
+  reward, gid = np.asarray(batch.reward), np.asarray(batch.group_id)
+  groups = np.unique(gid)
+  passed = np.array([(reward[gid == g] > 0).mean() for g in groups])
+  return {"groups/all_fail_frac": float((passed == 0).mean()),
+          "groups/some_pass_frac": float(((passed > 0) & (passed < 1)).mean()),
+          "groups/all_pass_frac": float((passed == 1).mean())}
 
 
 def host_mask(x):
