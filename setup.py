@@ -18,7 +18,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
         "importlib_resources",
-        "math-verify[antlr4_13_2]>=0.7",
+        "math-verify[antlr4-13-2]>=0.7",
         "ml-collections>=0.1.1",
         "absl-py",
         "etils[epath]",
