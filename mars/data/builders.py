@@ -18,6 +18,7 @@ is logged. Rows are never dropped silently.
 Rows keep their file order (`disable_shuffling`), so index i is line i + 1 and
 evaluation order is reproducible; the training pipeline shuffles by itself.
 """
+import abc
 import ast
 import dataclasses
 import glob
@@ -165,9 +166,12 @@ class MathBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         disable_shuffling=True,
     )
 
+  @abc.abstractmethod
   def normalize(self, row: dict, split: str, number: int) -> dict:
-    """Raw row -> {id, problem, answer, [level, subject]}; raises _BadRow."""
-    raise NotImplementedError
+    """Raw row -> {id, problem, answer, [level, subject]}; raises _BadRow.
+
+    Each dataset's builder defines it (its own field names and answer rule).
+    """
 
   def keep(self, example: dict) -> bool:
     """Config filters (e.g. MATH levels); filtered rows are not malformed."""
