@@ -31,8 +31,12 @@ from ml_collections import config_flags
 
 from mars import eval_metrics, eval_report
 
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "eval_math.py")
+
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Eval config (e.g. configs/eval_math.py).",
+  # A default file (like mars.train's) so `--config.X=...` overrides work without --config.
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Eval config (.py with get_config()).",
                                   lock_config=True)
   flags.DEFINE_string("checkpoint", None, "mars run workdir or HF model directory.")
   flags.DEFINE_string("out", None, "Output directory.")
