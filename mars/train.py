@@ -40,7 +40,7 @@ if __name__ == "__main__":
 
 def _lazy_imports():
   global jax, jnp, np, mars_config, sharding, checkpoint, metrics_lib, models, sampling
-  global packing, step_lib, optim, critic_lib, advantages, distributed
+  global packing, step_lib, optim, critic_lib, advantages, losses, distributed
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -49,7 +49,7 @@ def _lazy_imports():
   from mars import metrics as metrics_lib
   from mars import models, sampling
   from mars.episodes import packing
-  from mars.rl import step as step_lib, optim, critic as critic_lib, advantages
+  from mars.rl import step as step_lib, optim, critic as critic_lib, advantages, losses
 
 
 # ----------------------------------------------------------------------------
@@ -78,21 +78,31 @@ class Run:
 
 def load_policy(config, workdir: str, mesh):
   """(tokenizer, model config, params, from_hf) for the configured model."""
+  tokenizer, model_cfg, from_hf = describe_policy(config, workdir)
+  if from_hf:
+    _, params = models.load_hf(config.model.path, dtype=model_cfg.param_dtype, mesh=mesh,
+                               compute_dtype=model_cfg.dtype, remat=model_cfg.remat)
+  else:  # the demo: a format-only warm start follows (see warm_start)
+    from mars import demo_task
+    params = demo_task.init_demo_params(model_cfg, jax.random.key(config.seed))
+  return tokenizer, model_cfg, params, from_hf
+
+
+def describe_policy(config, workdir: str):
+  """(tokenizer, model config, from_hf) of a run, without loading any weights."""
   from mars import tokenizer as tok_lib
   dtype = config.model.dtype
   compute = config.model.compute_dtype or dtype
   if config.model.path:
-    model_cfg, params = models.load_hf(config.model.path, dtype=dtype, mesh=mesh,
-                                       compute_dtype=compute, remat=config.model.remat)
-    tok_path = config.model.tokenizer_path or models.resolve_model_dir(config.model.path)
-    return tok_lib.load_tokenizer(tok_path), model_cfg, params, True
-  # The embedded demo: a tokenizer we build, a tiny Qwen3, a format-only warm start.
+    model_dir = models.resolve_model_dir(config.model.path)
+    model_cfg = models.load_config(model_dir, param_dtype=dtype, dtype=compute,
+                                   remat=config.model.remat)
+    return tok_lib.load_tokenizer(config.model.tokenizer_path or model_dir), model_cfg, True
+  # The embedded demo: a tokenizer we build and a tiny Qwen3.
   from mars import demo_task
   tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
   tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
-  model_cfg = demo_model_config(config, workdir, tokenizer)
-  params = demo_task.init_demo_params(model_cfg, jax.random.key(config.seed))
-  return tokenizer, model_cfg, params, False
+  return tokenizer, demo_model_config(config, workdir, tokenizer), False
 
 
 def demo_model_config(config, workdir: str, tokenizer):
@@ -265,7 +275,7 @@ def load_params_from_workdir(workdir: str, step: Optional[int] = None, mesh=None
                                  async_save=False)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints.")
-  tokenizer, model_cfg, _, from_hf = load_policy_abstract(config, workdir)
+  tokenizer, model_cfg, from_hf = describe_policy(config, workdir)
   policy_opt = optim.make_optimizer(_optim_cfg(config.actor_optim, config))
   critic_opt = (optim.make_optimizer(_optim_cfg(config.critic_optim, config))
                 if config.algorithm == "ppo" else None)
@@ -277,22 +287,6 @@ def load_params_from_workdir(workdir: str, step: Optional[int] = None, mesh=None
   restored_step, restored, _ = ckpt.restore(abstract, step)
   ckpt.close()
   return tokenizer, model_cfg, restored["train"].params, restored_step
-
-
-def load_policy_abstract(config, workdir: str):
-  """Tokenizer and model config of a run, without loading any weights."""
-  from mars import tokenizer as tok_lib
-  dtype = config.model.dtype
-  compute = config.model.compute_dtype or dtype
-  if config.model.path:
-    model_dir = models.resolve_model_dir(config.model.path)
-    model_cfg = models.load_config(model_dir, param_dtype=dtype, dtype=compute,
-                                   remat=config.model.remat)
-    return tok_lib.load_tokenizer(config.model.tokenizer_path or model_dir), model_cfg, None, True
-  from mars import demo_task
-  tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
-  tokenizer = tok_lib.load_tokenizer(demo_task.build_tokenizer(tok_dir))
-  return tokenizer, demo_model_config(config, workdir, tokenizer), None, False
 
 
 # ----------------------------------------------------------------------------
@@ -353,7 +347,7 @@ def _advantages_fn(rl_cfg: dict, num_groups: int):
     if est == "gae":
       kl = None
       if rl_cfg["kl_in_reward"] and rl_cfg["kl_coef"] > 0:
-        kl = losses_lib().kl_penalty(batch.old_logp, batch.ref_logp, rl_cfg["kl_kind"])
+        kl = losses.kl_penalty(batch.old_logp, batch.ref_logp, rl_cfg["kl_kind"])
       rewards_tok = advantages.token_rewards(batch.reward, batch.loss_mask, kl,
                                              rl_cfg["kl_coef"] if kl is not None else 0.0)
       adv, ret = advantages.gae(rewards_tok, batch.values, batch.loss_mask,
@@ -370,11 +364,6 @@ def _advantages_fn(rl_cfg: dict, num_groups: int):
     return adv, ret
 
   return jax.jit(fn)
-
-
-def losses_lib():
-  from mars.rl import losses
-  return losses
 
 
 def prepare_batch(run: Run, host_batch):
@@ -418,11 +407,12 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
   m = dict(result.metrics)
   m.update({f"loss/{k}" if k in ("loss", "pg_loss", "vf_loss") else k: v
             for k, v in update_metrics.items()})
-  lm = np.asarray(host_mask(result.batch.loss_mask))
-  behaviour = np.asarray(result.batch.behaviour_logp)
-  on = lm & ~np.asarray(result.batch.is_off_policy)[:, None]
-  if on.any():  # sampler vs trainer logprob mismatch on on-policy tokens (should be ~0)
-    m["logp_mismatch/max"] = float(np.abs(np.asarray(recomputed) - behaviour)[on].max())
+  lm = np.asarray(result.batch.loss_mask, bool)
+  # Sampler vs trainer logprob mismatch on on-policy tokens (should be ~0),
+  # reduced on device: only a scalar crosses to the host.
+  on = batch.loss_mask & ~batch.is_off_policy[:, None]
+  m["logp_mismatch/max"] = float(jnp.max(jnp.where(on, jnp.abs(recomputed - batch.behaviour_logp),
+                                                   0.0)))
   m.update({
       "reward/mean": float(np.mean(result.batch.reward)),
       "response_length/mean": float(lm.sum(-1).mean()),
@@ -447,10 +437,6 @@ def group_outcomes(batch, group_size: int) -> dict:
   return {"groups/all_fail_frac": float((passed == 0).mean()),
           "groups/some_pass_frac": float(((passed > 0) & (passed < 1)).mean()),
           "groups/all_pass_frac": float((passed == 1).mean())}
-
-
-def host_mask(x):
-  return np.asarray(x).astype(bool)
 
 
 def maybe_dynamic_sampling(run: Run, result, key):
@@ -523,7 +509,7 @@ def train(config, workdir: str, grade_fn: Optional[Callable] = None,
           max_steps: Optional[int] = None) -> dict:
   """Runs (or resumes) training; returns the last step's metrics."""
   run = setup(config, workdir, grade_fn)
-  adv_fn = _advantages_fn(_rl_cfg_full(config), config.data.prompts_per_step)
+  adv_fn = _advantages_fn(config.rl.to_dict(), config.data.prompts_per_step)
   last = {}
   try:
     end = config.train.steps if max_steps is None else min(config.train.steps,
@@ -541,10 +527,6 @@ def train(config, workdir: str, grade_fn: Optional[Callable] = None,
   finally:
     run.close()
   return last
-
-
-def _rl_cfg_full(config) -> dict:
-  return config.rl.to_dict()
 
 
 def default_workdir() -> str:

@@ -59,11 +59,6 @@ def _get(cfg, name):
   return getattr(cfg, name, _DEFAULTS[name])
 
 
-def sampling_params(cfg) -> SamplingParams:
-  return SamplingParams(temperature=float(_get(cfg, "temperature")),
-                        top_p=float(_get(cfg, "top_p")), top_k=int(_get(cfg, "top_k")))
-
-
 def validate_config(cfg) -> None:
   lo, hi = int(_get(cfg, "min_attempts")), int(_get(cfg, "max_attempts"))
   if not 1 <= lo <= hi:
@@ -194,7 +189,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   cache_len = cache_length(tokens.shape[1], A, feedback_len, cfg)
   state = sampler.start(params, tokens, mask, key=key, n=G if shared else 1,
                         max_new_tokens=int(_get(cfg, "budget")), cache_len=cache_len,
-                        sampling=sampling_params(cfg))
+                        sampling=SamplingParams.from_config(cfg))
   episodes = [rules.new_episode(n) for n in n_rows]
   answers = [problems[r // G]["answer"] for r in range(len(n_rows))]
   state, episodes = _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg,
@@ -228,7 +223,7 @@ def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *
   decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   stop_ids = frozenset(int(t) for t in sampler.stop_ids)
   feedback_ids = functools.lru_cache(None)(lambda text: list(tokenizer.encode(text)))
-  sampling, budget = sampling_params(cfg), int(_get(cfg, "budget"))
+  sampling, budget = SamplingParams.from_config(cfg), int(_get(cfg, "budget"))
   while not all(ep.done for ep in episodes):
     state = sampler.run(params, state, int(_get(cfg, "chunk_tokens")), sampling)
     done = view.pull(state)

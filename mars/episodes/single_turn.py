@@ -31,11 +31,6 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-def sampling_params(cfg) -> SamplingParams:
-  return SamplingParams(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
-                        top_k=int(cfg.top_k))
-
-
 def response_text(tokenizer, response_ids) -> str:
   """Decoded response up to (not including) the first stop token."""
   ids = list(response_ids)
@@ -67,7 +62,8 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key,
   ids += [ids[-1]] * max(0, (pad_prompts_to or 0) - len(ids))
   tokens, mask = left_pad(ids, tokenizer.pad_id)
   out = sampler.generate(params, tokens, mask, key=key, n=G,
-                         max_new_tokens=int(cfg.max_new_tokens), sampling=sampling_params(cfg))
+                         max_new_tokens=int(cfg.max_new_tokens),
+                         sampling=SamplingParams.from_config(cfg))
   rows = rows_from_output(out)[:len(problems) * G]
 
   responses = [response_text(tokenizer, r.response) for r in rows]

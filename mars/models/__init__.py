@@ -18,6 +18,3 @@ def param_shardings(cfg, mesh):
   return sharding.tree_shardings(mesh, param_axes(cfg), param_shapes(cfg))
 
 
-def shard_params(cfg, params, mesh):
-  import jax
-  return jax.device_put(params, param_shardings(cfg, mesh))

@@ -218,6 +218,7 @@ class Sampler:
     self.mesh = mesh
     self.queue_len = queue_len
     self._param_shardings = None
+    self._state_sharding_cache = {}
     if mesh is not None:
       from mars import models
       self._param_shardings = models.param_shardings(cfg, mesh)
@@ -226,10 +227,13 @@ class Sampler:
   def compile_count(self) -> int:
     return compile_count()
 
-  def _state_shardings(self, abstract_state):
-    return sharding.tree_shardings(
-        self.mesh, _state_axes(abstract_state),
-        jax.tree.map(lambda x: tuple(x.shape), abstract_state))
+  def _state_shardings(self, state):
+    # Called on every force/rewind (once per chunk): build the tree once per shape.
+    key = (state.tokens.shape, state.cache.k.shape, state.force_queue.shape, state.prompt_len)
+    if key not in self._state_sharding_cache:
+      self._state_sharding_cache[key] = sharding.tree_shardings(
+          self.mesh, _state_axes(state), jax.tree.map(lambda x: tuple(x.shape), state))
+    return self._state_sharding_cache[key]
 
   def _place_params(self, params):
     if self._param_shardings is None:

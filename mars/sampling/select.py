@@ -25,6 +25,14 @@ class SamplingParams:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
     return self
 
+  @classmethod
+  def from_config(cls, cfg) -> "SamplingParams":
+    """From any config with temperature / top_p / top_k (missing ones: defaults)."""
+    d = cls()
+    return cls(temperature=float(getattr(cfg, "temperature", d.temperature)),
+               top_p=float(getattr(cfg, "top_p", d.top_p)),
+               top_k=int(getattr(cfg, "top_k", d.top_k)))
+
   def as_arrays(self):
     return (jnp.float32(self.temperature), jnp.float32(self.top_p), jnp.int32(self.top_k))
 
