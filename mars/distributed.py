@@ -158,3 +158,72 @@ def global_array_from_local(local, sharding, global_shape=None):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   return jax.make_array_from_process_local_data(sharding, np.asarray(local), global_shape)
+
+
+# ----------------------------------------------------------------------------
+# Host <-> global arrays, and the few host decisions all processes must share.
+# Every helper is a no-op (no collective) in a single process, so one-process
+# runs are unchanged, bit for bit.
+
+def is_multiprocess() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is not None and jax.process_count() > 1
+
+
+def host_local(x):
+  """This process's rows (dim 0) of a jax.Array as numpy (all of it in one process).
+
+  Shards are taken along dim 0 only: the arrays this is used on (sampler
+  buffers, batch fields) are split over rows and replicated over the rest.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+    return np.asarray(x)
+  blocks = {}
+  for shard in x.addressable_shards:
+    idx = shard.index
+    if any(s.indices(n)[:2] != (0, n) for s, n in zip(idx[1:], x.shape[1:])):
+      raise ValueError(f"host_local: array of shape {x.shape} is split beyond dim 0 "
+                       f"({x.sharding}); only row-sharded arrays have host-local rows.")
+    blocks.setdefault(idx[0].indices(x.shape[0])[0] if idx else 0, shard.data)
+  starts = sorted(blocks)
+  return np.concatenate([np.asarray(blocks[s]) for s in starts], 0)
+
+
+def rows_to_global(local, sharding):
+  """Global jax.Array from this process's rows (the whole array in one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return jax.make_array_from_process_local_data(sharding, np.asarray(local))
+
+
+def _allgather(values):
+  """[process_count, ...] numpy of every process's `values` (device all-gather)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
+def allgather_exact(table):
+  """[process_count, ...] float64 of every process's float64 `table`, bit-exact
+  (sent as int32 pairs: an x64-off all-gather would round float64 to float32)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  table = np.ascontiguousarray(table, np.float64)
+  words = _allgather(table.view(np.int32))
+  return np.ascontiguousarray(words).view(np.float64).reshape((-1,) + table.shape)
+
+
+def agree_max(*values: int):
+  """The max over processes of each int (shapes every process must share)."""
+  if not is_multiprocess():
+    return values[0] if len(values) == 1 else values
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  got = _allgather(np.asarray(values, np.int64)).max(0).tolist()
+  return got[0] if len(got) == 1 else tuple(got)
+
+
+def any_process(flag: bool) -> bool:
+  """True when `flag` holds on any process (loop conditions all processes follow)."""
+  if not is_multiprocess():
+    return bool(flag)
+  return bool(_allgather([int(bool(flag))]).max())

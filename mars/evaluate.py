@@ -358,7 +358,10 @@ def evaluate_for_trainer(run, step: int) -> dict:
   names = validate(cfg)
   policy = Policy(sampler=run.sampler, params=run.state.params, tokenizer=run.tokenizer,
                   grade_fn=run.grade_fn,
-                  pad_multiple=sharding.mesh_axis_size(run.mesh, ("data", "fsdp")))
+                  # Per process: in a multi-host run every process evaluates the
+                  # whole set as its own rows (redundant, not yet split).
+                  pad_multiple=max(1, sharding.mesh_axis_size(run.mesh, ("data", "fsdp"))
+                                   // jax.process_count()))
   key = jax.random.fold_in(jax.random.key(cfg.seed), step)
   per_benchmark, average, samples = evaluate(cfg, policy, names, key, show_progress=False)
   if distributed.is_main_process():

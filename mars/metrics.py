@@ -82,7 +82,8 @@ class MetricsWriter:
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, float):
-          self._tb.add_scalar(k, v, step)
+          # TensorBoard tag names allow [A-Za-z0-9_./-]: success@2 -> success_at_2.
+          self._tb.add_scalar(k.replace("@", "_at_"), v, step)
       self._tb.flush()
     self._console(step, row)
 

@@ -40,12 +40,12 @@ if __name__ == "__main__":
 
 def _lazy_imports():
   global jax, jnp, np, mars_config, sharding, checkpoint, metrics_lib, models, sampling
-  global packing, step_lib, optim, critic_lib, advantages, losses, distributed
+  global packing, step_lib, optim, critic_lib, advantages, losses, distributed, host_metrics
   import jax
   import jax.numpy as jnp
   import numpy as np
   from mars import config as mars_config
-  from mars import sharding, checkpoint, distributed
+  from mars import sharding, checkpoint, distributed, host_metrics
   from mars import metrics as metrics_lib
   from mars import models, sampling
   from mars.episodes import packing
@@ -177,6 +177,11 @@ def _rl_cfg(config) -> dict:
 def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
   _lazy_imports()
   distributed.maybe_initialize()
+  if not distributed.is_main_process():
+    # Process 0 alone logs progress (absl and stdlib loggers alike).
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
   mars_config.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(tuple(config.mesh_shape))
@@ -296,28 +301,57 @@ def rollout(run: Run, problems, key, step: int):
   """Rollouts of the configured kind -> EpisodeResult."""
   c = run.config
   common = dict(key=key, grade_fn=run.grade_fn)
+  lte_common = dict(group_offset=_local_prompts(run, len(problems)).start)
   if c.episode.kind == "multi_attempt":
     from mars.episodes import multi_attempt
     cfg = episode_cfg(c)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
     # N is drawn per question (as in the paper), so a group shares one prefill.
-    n = multi_attempt.draw_num_attempts(rng, len(problems), cfg)
+    # Drawn for the global batch, then this process's questions: the same N
+    # per question however many processes share the step.
+    n = multi_attempt.draw_num_attempts(rng, c.data.prompts_per_step, cfg)
+    n = n[_local_prompts(run, len(problems))] if len(problems) != len(n) else n
     single = c.episode.max_attempts == 1
     if c.lte.enabled:
       from mars.episodes import lte
       return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=cfg,
                          lte_cfg=lte_cfg(run, "multi_attempt"), num_attempts=list(n),
-                         group_size=c.rollout.group_size, single_turn=single, **common)
+                         group_size=c.rollout.group_size, single_turn=single, **common,
+                         **lte_common)
     return multi_attempt.rollout(run.sampler, run.state.params, run.tokenizer, problems,
                                  cfg=cfg, num_attempts=list(n), group_size=c.rollout.group_size,
                                  single_turn=single, **common)
   if c.lte.enabled:
     from mars.episodes import lte
     return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=c.rollout,
-                       lte_cfg=lte_cfg(run, "single_turn"), **common)
+                       lte_cfg=lte_cfg(run, "single_turn"), **common, **lte_common)
   from mars.episodes import single_turn
   return single_turn.rollout(run.sampler, run.state.params, run.tokenizer, problems,
                              cfg=c.rollout, **common)
+
+
+def _local_prompts(run: Run, count: int) -> slice:
+  """This process's questions in the global batch (the pipeline's split)."""
+  start = run.pipeline.process_index * count
+  return slice(start, start + count)
+
+
+def to_device_batch(run: Run, result):
+  """The host rows of every process -> one global RolloutBatch on the mesh.
+
+  Each process packed its own rows; in a multi-host run they are re-packed to
+  the widest process's lengths, group ids become global, and the fields are
+  stitched into global arrays (make_array_from_process_local_data).
+  """
+  host = result.batch
+  if distributed.is_multiprocess():
+    prompt_len = packing.prompt_columns(host)
+    P, T = distributed.agree_max(prompt_len, host.tokens.shape[1] - prompt_len)
+    offset = _local_prompts(run, len(result.rows) // run.config.rollout.group_size).start
+    rows = [dataclasses.replace(r, group_id=r.group_id + offset) for r in result.rows]
+    host = packing.pack(rows, run.tokenizer.pad_id, prompt_len=P, total_len=P + T)
+  shardings = step_lib.batch_shardings(run.mesh)
+  return jax.tree.map(distributed.rows_to_global, host, shardings)
 
 
 def lte_cfg(run: Run, episode: str):
@@ -326,8 +360,9 @@ def lte_cfg(run: Run, episode: str):
   import ml_collections
   cfg = ml_collections.ConfigDict(run.config.lte.to_dict())
   cfg.episode = episode
+  rows_axis = sharding.mesh_axis_size(run.mesh, sharding.LOGICAL_RULES["batch"])
   cfg.hinted_min_prompts = max(cfg.get("hinted_min_prompts", 1),
-                               sharding.mesh_axis_size(run.mesh, sharding.LOGICAL_RULES["batch"]))
+                               rows_axis // run.pipeline.process_count)  # per process
   return cfg
 
 
@@ -369,7 +404,8 @@ def _advantages_fn(rl_cfg: dict, num_groups: int):
 def prepare_batch(run: Run, host_batch):
   """Device batch with old/ref logprobs and values filled in."""
   c = run.config
-  batch = jax.device_put(host_batch, step_lib.batch_shardings(run.mesh))
+  batch = host_batch if isinstance(host_batch.tokens, jax.Array) else jax.device_put(
+      host_batch, step_lib.batch_shardings(run.mesh))
   micro = c.rl.micro_batch_size or None
   recomputed = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
                                          micro_batch_size=micro, mesh=run.mesh)
@@ -395,7 +431,7 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
   result = maybe_dynamic_sampling(run, result, k_roll)
   result = maybe_overlong_shaping(run, result)
   t1 = time.perf_counter()
-  batch, recomputed = prepare_batch(run, result.batch)
+  batch, recomputed = prepare_batch(run, to_device_batch(run, result))
   adv, ret = adv_fn(batch)
   jax.block_until_ready(adv)
   t2 = time.perf_counter()
@@ -404,22 +440,23 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
       run.train_step, run.state, batch, adv, ret, c.rl.ppo_epochs,
       c.rl.minibatch_size or rows, k_ppo)
   t3 = time.perf_counter()
-  m = dict(result.metrics)
+  lm = np.asarray(result.batch.loss_mask, bool)
+  # Host metrics cover this process's rows; reduce() makes them global.
+  m = host_metrics.reduce(host_metrics.merge(
+      result.metrics, group_outcomes(result.batch, c.rollout.group_size),
+      host_metrics.Metrics().mean("reward/mean", result.batch.reward)
+      .mean("response_length/mean", lm.sum(-1))))
   m.update({f"loss/{k}" if k in ("loss", "pg_loss", "vf_loss") else k: v
             for k, v in update_metrics.items()})
-  lm = np.asarray(result.batch.loss_mask, bool)
   # Sampler vs trainer logprob mismatch on on-policy tokens (should be ~0),
   # reduced on device: only a scalar crosses to the host.
   on = batch.loss_mask & ~batch.is_off_policy[:, None]
   m["logp_mismatch/max"] = float(jnp.max(jnp.where(on, jnp.abs(recomputed - batch.behaviour_logp),
                                                    0.0)))
   m.update({
-      "reward/mean": float(np.mean(result.batch.reward)),
-      "response_length/mean": float(lm.sum(-1).mean()),
       "time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2,
       "time/step_s": t3 - t0, "compile_count/sampler": sampling.compile_count(),
   })
-  m.update(group_outcomes(result.batch, c.rollout.group_size))
   if "time/grade_s" in result.metrics:
     m["time/generate_s"] = m["time/rollout_s"] - result.metrics["time/grade_s"]
   return m
@@ -434,9 +471,10 @@ def group_outcomes(batch, group_size: int) -> dict:
   reward, gid = np.asarray(batch.reward), np.asarray(batch.group_id)
   groups = np.unique(gid)
   passed = np.array([(reward[gid == g] > 0).mean() for g in groups])
-  return {"groups/all_fail_frac": float((passed == 0).mean()),
-          "groups/some_pass_frac": float(((passed > 0) & (passed < 1)).mean()),
-          "groups/all_pass_frac": float((passed == 1).mean())}
+  return (host_metrics.Metrics()
+          .mean("groups/all_fail_frac", passed == 0)
+          .mean("groups/some_pass_frac", (passed > 0) & (passed < 1))
+          .mean("groups/all_pass_frac", passed == 1))
 
 
 def maybe_dynamic_sampling(run: Run, result, key):
@@ -447,7 +485,7 @@ def maybe_dynamic_sampling(run: Run, result, key):
   c = run.config
   if not c.rl.dynamic_sampling:
     return result
-  G, target = c.rollout.group_size, c.data.prompts_per_step
+  G, target = c.rollout.group_size, c.data.prompts_per_step // run.pipeline.process_count
   kept, dropped = [], []
 
   def split_groups(res):
@@ -459,7 +497,8 @@ def maybe_dynamic_sampling(run: Run, result, key):
 
   split_groups(result)
   rounds = 0
-  while len(kept) < target and rounds < c.rl.max_resample_rounds:
+  # Every process draws again while any one lacks groups (rollouts are collective).
+  while distributed.any_process(len(kept) < target) and rounds < c.rl.max_resample_rounds:
     rounds += 1
     more = rollout(run, run.pipeline.next_batch(), jax.random.fold_in(key, 1000 + rounds), -1)
     split_groups(more)
@@ -469,7 +508,8 @@ def maybe_dynamic_sampling(run: Run, result, key):
     for r in group_rows:
       rows.append(dataclasses.replace(r, group_id=g))
     meta.extend(group_meta)
-  metrics = dict(result.metrics, **{"dapo/kept_groups": len(kept), "dapo/resample_rounds": rounds})
+  metrics = host_metrics.merge(result.metrics, {"dapo/resample_rounds": rounds},
+                               host_metrics.Metrics().total("dapo/kept_groups", len(kept)))
   return packing.EpisodeResult(rows=rows, batch=packing.pack(rows, run.tokenizer.pad_id),
                                meta=meta, metrics=metrics)
 
@@ -483,7 +523,8 @@ def maybe_overlong_shaping(run: Run, result):
   lengths = np.asarray(result.batch.loss_mask).sum(-1)
   shaped = np.asarray(advantages.overlong_reward_shaping(lengths, max_len, c.rl.overlong_buffer))
   batch = result.batch.replace(reward=np.asarray(result.batch.reward) + shaped)
-  metrics = dict(result.metrics, **{"dapo/overlong_penalty_mean": float(shaped.mean())})
+  metrics = host_metrics.merge(
+      result.metrics, host_metrics.Metrics().mean("dapo/overlong_penalty_mean", shaped))
   return dataclasses.replace(result, batch=batch, metrics=metrics)
 
 

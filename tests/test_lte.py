@@ -555,10 +555,10 @@ class FakeMultiAttempt:
     self.tok, self.scripts, self.calls = tokenizer, scripts, []
 
   def __call__(self, sampler, params, tokenizer, problems, *, key, grade_fn, cfg,
-               num_attempts=None, group_size=1, single_turn=False):
+               num_attempts=None, group_size=1, single_turn=False, pad_prompts_to=0):
     script = self.scripts[len(self.calls)]
     self.calls.append(dict(problems=problems, num_attempts=num_attempts, key=key,
-                           group_size=group_size))
+                           group_size=group_size, pad_prompts_to=pad_prompts_to))
     G, rows, meta = group_size, [], []
     for b, (status, answers, grades, truncated) in enumerate(script):
       n = num_attempts[b]
@@ -596,6 +596,7 @@ def test_multi_attempt_groups_get_hinted_multi_attempt_episodes(monkeypatch, tok
     # g1 is overlong-some (one episode hit the budget): ConciseHint with the wrong
     # answers of every attempt, de-duplicated by canonical form (1/2 == 0.5).
     assert second["num_attempts"] == [2, 3] and second["group_size"] == 2
+    assert first["pad_prompts_to"] is None and second["pad_prompts_to"] == 1
     assert second["problems"] == [dict(problems[1], problem=lte.hinted_problem(
         problems[1]["problem"], lte.OVERLONG_SOME, ["1/2", "7"]))]
     # One usable hinted episode (the other hit the budget) replaces one of g1's.

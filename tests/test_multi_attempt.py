@@ -418,6 +418,23 @@ def test_num_attempts_drawn_from_key_per_question(tok):
   assert [m["attempts_used"] for m in res.meta] == draws[0]  # every attempt stops unboxed
 
 
+def test_padding_problems_are_played_then_dropped(tok):
+  # LTE and multi-host runs pad the problem count (one shape for every process);
+  # the copies play like any episode, then leave no row, meta or metric behind.
+  scripts = [[["\\boxed{1}"], ["\\boxed{3}"]], [["\\boxed{3}"]],   # the real problem, G = 2
+             [["\\boxed{3}"]], [["\\boxed{3}"]]]                    # its padding copy
+  ids = [[tok.encode(a[0]) for a in row] for row in scripts]
+  calls = []
+  res = ma.rollout(ScriptedSampler(ids, tok), None, tok, [{"id": 0, "problem": "P", "answer": "3"}],
+                   key=jax.random.key(0), grade_fn=stub_grade(calls), cfg=cfg_with(),
+                   num_attempts=[2], group_size=2, pad_prompts_to=2)
+  assert len(res.rows) == len(res.meta) == res.batch.tokens.shape[0] == 2
+  assert [m["success_attempt"] for m in res.meta] == [2, 1]
+  assert res.metrics["success@1"] == 0.5 and res.metrics["attempts_used/mean"] == 1.5
+  # 5 graded attempts: the real rows 2 + 1, the copies 1 + 1.
+  assert sum(map(len, calls)) == 5
+
+
 def test_feedback_longer_than_queue_is_an_error(tok):
   sampler = ScriptedSampler([[[]]], tok, queue_len=8)
   with pytest.raises(ValueError, match="queue_len"):

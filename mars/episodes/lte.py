@@ -39,10 +39,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from mars import distributed
 from mars import prompts
 from mars.episodes import multi_attempt
 from mars.episodes import single_turn as single_turn_lib
 from mars.episodes.packing import EpisodeResult, Row, pack
+from mars.host_metrics import Metrics, merge
 from mars.tokenizer import bucket_length
 
 # Group classes. Only the last three are all-fail (they get hinted rollouts).
@@ -240,7 +242,7 @@ def group_rng(replace_seed: int, key, group: int) -> np.random.Generator:
 
 def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_fn, cfg,
             lte_cfg, num_attempts=None, group_size: Optional[int] = None,
-            single_turn: bool = False) -> EpisodeResult:
+            single_turn: bool = False, group_offset: int = 0) -> EpisodeResult:
   """One LTE rollout step; see the module docstring.
 
   Args:
@@ -250,6 +252,8 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     lte_cfg: `default_config()` fields.
     num_attempts, single_turn: passed to multi_attempt.rollout (multi_attempt only).
     group_size: G; defaults to cfg.group_size.
+    group_offset: index of problems[0] in the global batch (a multi-host
+      process's share), so replacement draws follow the global group.
   Step 1 uses `key` exactly as the plain episode would (so with no all-fail
   group the result is the plain one, bit for bit); hinted rollouts use
   fold_in(key, 1).
@@ -268,8 +272,8 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   group_ids = np.array([r.group_id for r in base.rows])
   codes = classify_groups(ok, truncated, group_ids, len(problems))
   hinted = np.flatnonzero(is_all_fail(codes))
-  if hinted.size == 0:  # exactly the plain step
-    return dataclasses.replace(base, metrics={**base.metrics, **lte_metrics(codes, [], G, base)})
+  if not distributed.any_process(hinted.size > 0):  # exactly the plain step
+    return dataclasses.replace(base, metrics=merge(base.metrics, lte_metrics(codes, [], G, base)))
 
   # Steps 3-4: one hinted rollout call for every all-fail group, G per group.
   hinted_problems = []
@@ -284,8 +288,19 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   hinted_attempts = ([base.meta[r]["num_attempts"] for g in hinted
                       for r in np.flatnonzero(group_ids == g)] if episode == "multi_attempt"
                      else None)
+  # In a multi-host run the hinted rollout is collective: a process without an
+  # all-fail group plays one placeholder question (dropped), and every process
+  # pads to the same prompt count.
+  placeholder = not hinted_problems
+  if placeholder:
+    hinted_problems = [problems[0]]
+    hinted_attempts = [base.meta[0]["num_attempts"]] * G if episode == "multi_attempt" else None
+  pad_to = distributed.agree_max(
+      bucket_length(len(hinted_problems), int(lte_cfg.get("hinted_min_prompts", 1))))
   extra = run(hinted_problems, key=jax.random.fold_in(key, 1), num_attempts=hinted_attempts,
-              pad_prompts_to=bucket_length(len(hinted), int(lte_cfg.get("hinted_min_prompts", 1))))
+              pad_prompts_to=pad_to)
+  if placeholder:
+    extra = dataclasses.replace(extra, rows=[], meta=[])
   extra_ok = np.array([m["status"] == "correct" for m in extra.meta])
   extra_cut = np.array([r.truncated for r in extra.rows])
   extra_groups = np.array([r.group_id for r in extra.rows])
@@ -295,7 +310,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   for h, g in enumerate(hinted):
     orig, new = np.flatnonzero(group_ids == g), np.flatnonzero(extra_groups == h)
     successes.append(int(np.sum(extra_ok[new] & ~extra_cut[new])))  # G'
-    rng = group_rng(lte_cfg.get("replace_seed", 0), key, int(g))
+    rng = group_rng(lte_cfg.get("replace_seed", 0), key, group_offset + int(g))
     for i, j in select_replacements(ok[orig], extra_ok[new], rng, extra_cut[new]):
       replacements.append((orig[i], extra.rows[new[j]]))
       unhinted.append(_unhinted_ids(episode, tokenizer, problems[g]["problem"],
@@ -306,12 +321,12 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
                                          extra.meta[new[j]], single_turn),
           "replaced_response": base.meta[orig[i]]["response"]}
   if not replacements:  # G' = 0 everywhere: the batch is the plain one
-    return dataclasses.replace(base, metrics={**base.metrics,
-                                              **lte_metrics(codes, successes, G, base, extra)})
+    return dataclasses.replace(base, metrics=merge(base.metrics,
+                                                   lte_metrics(codes, successes, G, base, extra)))
   rows = reattach_responses(base.rows, replacements, unhinted)
   result = EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
-                         metrics=dict(base.metrics))
-  result.metrics.update(lte_metrics(codes, successes, G, result, extra, base))
+                         metrics=base.metrics)
+  result.metrics = merge(base.metrics, lte_metrics(codes, successes, G, result, extra, base))
   return result
 
 
@@ -322,10 +337,10 @@ def _episode_runner(episode, sampler, params, tokenizer, *, grade_fn, cfg, group
     if episode == "single_turn":
       return single_turn_lib.rollout(sampler, params, tokenizer, problems, key=key,
                                      grade_fn=grade_fn, cfg=cfg, pad_prompts_to=pad_prompts_to)
-    del pad_prompts_to  # multi_attempt.rollout has no prompt padding (one compile per count)
     return multi_attempt.rollout(sampler, params, tokenizer, problems, key=key,
                                  grade_fn=grade_fn, cfg=cfg, num_attempts=num_attempts,
-                                 group_size=group_size, single_turn=single_turn)
+                                 group_size=group_size, single_turn=single_turn,
+                                 pad_prompts_to=pad_prompts_to)
   return run
 
 
@@ -365,7 +380,7 @@ def _wrong_answers(episode, base: EpisodeResult, rows):
 
 def lte_metrics(codes, successes: Sequence[int], G: int, result: EpisodeResult,
                 extra: Optional[EpisodeResult] = None,
-                base: Optional[EpisodeResult] = None) -> dict:
+                base: Optional[EpisodeResult] = None) -> Metrics:
   """Group fractions (pre-replacement: the paper's key curves) and hint statistics.
 
   successes: G' per hinted group; result: the final rows; extra: the hinted
@@ -374,27 +389,22 @@ def lte_metrics(codes, successes: Sequence[int], G: int, result: EpisodeResult,
   """
   codes = np.asarray(codes)
   base = base or result
-  n = max(int(np.sum(codes != EMPTY)), 1)
-  frac = lambda mask: float(np.sum(mask) / n)
+  groups = int(np.sum(codes != EMPTY))
   successes = np.asarray(successes, np.float64)
-  hinted = len(successes)
-  cut_frac = lambda rows: float(np.mean([r.truncated for r in rows])) if rows else 0.0
-  model_len = lambda rows: float(np.mean([r.is_model.sum() for r in rows])) if rows else 0.0
-  return {
-      "lte/all_fail_frac": frac(is_all_fail(codes)),
-      "lte/some_pass_frac": frac(codes == SOME_PASS),
-      "lte/all_pass_frac": frac(codes == ALL_PASS),
-      "lte/overlong_all_frac": frac(codes == OVERLONG_ALL),
-      "lte/overlong_some_frac": frac(codes == OVERLONG_SOME),
-      "lte/pass_none_frac": frac(codes == PASS_NONE),
-      "lte/overlong_frac": cut_frac(base.rows),          # rollouts, before replacement
-      "lte/response_length/mean": model_len(base.rows),  # model tokens, before replacement
-      "lte/hinted_groups": hinted,
-      "lte/hint_success_rate": float(successes.mean() / G) if hinted else 0.0,
-      "lte/hint_solved_frac": float(np.mean(successes > 0)) if hinted else 0.0,
-      "lte/all_replaced_groups": int(np.sum(successes >= G)),  # G' = G: zero advantage
-      "lte/off_policy_rows": int(sum(r.off_policy for r in result.rows)),
-      "lte/reward_mean_after": float(np.mean([r.reward for r in result.rows])),
-      "lte/hinted_truncated_frac": cut_frac(extra.rows) if extra else 0.0,
-      "lte/hinted_response_length/mean": model_len(extra.rows) if extra else 0.0,
-  }
+  extra_rows = extra.rows if extra else []
+  m = Metrics()
+  for name, mask in (("all_fail", is_all_fail(codes)), ("some_pass", codes == SOME_PASS),
+                     ("all_pass", codes == ALL_PASS), ("overlong_all", codes == OVERLONG_ALL),
+                     ("overlong_some", codes == OVERLONG_SOME), ("pass_none", codes == PASS_NONE)):
+    m.ratio(f"lte/{name}_frac", int(np.sum(mask)), groups)
+  m.mean("lte/overlong_frac", [r.truncated for r in base.rows])  # rollouts, before replacement
+  m.mean("lte/response_length/mean", [r.is_model.sum() for r in base.rows])  # model tokens
+  m.total("lte/hinted_groups", len(successes))
+  m.ratio("lte/hint_success_rate", successes.sum(), len(successes) * G)
+  m.mean("lte/hint_solved_frac", successes > 0)
+  m.total("lte/all_replaced_groups", int(np.sum(successes >= G)))  # G' = G: zero advantage
+  m.total("lte/off_policy_rows", sum(r.off_policy for r in result.rows))
+  m.mean("lte/reward_mean_after", [r.reward for r in result.rows])
+  m.mean("lte/hinted_truncated_frac", [r.truncated for r in extra_rows])
+  m.mean("lte/hinted_response_length/mean", [r.is_model.sum() for r in extra_rows])
+  return m

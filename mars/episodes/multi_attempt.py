@@ -26,11 +26,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from mars import distributed
 from mars import prompts
 from mars.episodes import attempts as rules
 from mars.episodes.packing import EpisodeResult, pack, rows_from_output
 from mars.sampling import SamplingParams
-from mars.tokenizer import left_pad
+from mars.host_metrics import Metrics
+from mars.tokenizer import bucket_length, left_pad
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -123,7 +125,7 @@ class _Transcript:
     """Copies the columns written since the last pull; returns each row's done flag."""
     S = self.tokens.shape[1]
     start = min(self.index, S - self.width)
-    tokens, gen, forced, done, index = jax.device_get(_columns(
+    tokens, gen, forced, done, index = map(distributed.host_local, _columns(
         state.tokens, state.gen_mask, state.forced_mask, state.done, state.cache.index,
         start, width=self.width))
     cols = slice(start, start + self.width)
@@ -152,7 +154,7 @@ class _Transcript:
 
 def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_fn: Callable,
             cfg, num_attempts=None, group_size: int = 1,
-            single_turn: bool = False) -> EpisodeResult:
+            single_turn: bool = False, pad_prompts_to: int = 0) -> EpisodeResult:
   """Runs G = group_size multi-attempt episodes per problem; see the module docstring.
 
   Args:
@@ -167,19 +169,29 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
       (len(problems)·G), or one int (evaluation). None: drawn from `key`.
       Episodes of one problem that share N share one prefill.
     single_turn: the baseline: plain single-turn prompt, N = 1.
+    pad_prompts_to: plays copies of the last problem up to this many problems
+      (one compiled shape for a varying count, and equal shapes on every
+      process of a multi-host run); their episodes are dropped from the result.
   """
   validate_config(cfg)
   G = int(group_size)
   n_rows = _attempts_per_row(num_attempts, len(problems), G, single_turn, key, cfg)
-  shared = all(len(set(n_rows[q * G:(q + 1) * G])) == 1 for q in range(len(problems)))
+  real_rows = len(n_rows)
+  extra = max(0, int(pad_prompts_to or 0) - len(problems))
+  problems = list(problems) + [problems[-1]] * extra
+  n_rows = n_rows + n_rows[-G:] * extra
+  # Shapes and layouts every process of a multi-host run must share.
+  shared = not distributed.any_process(
+      not all(len(set(n_rows[q * G:(q + 1) * G])) == 1 for q in range(len(problems))))
   if shared:  # one prefill per problem, fanned out to G rows
     texts = [first_prompt(p["problem"], n_rows[q * G], single_turn)
              for q, p in enumerate(problems)]
   else:
     texts = [first_prompt(problems[r // G]["problem"], n, single_turn)
              for r, n in enumerate(n_rows)]
-  tokens, mask = left_pad(tokenizer.encode_batch(texts), tokenizer.pad_id)
-  A = max(n_rows)
+  ids = tokenizer.encode_batch(texts)
+  A, prompt_len = distributed.agree_max(max(n_rows), bucket_length(max(map(len, ids)), 16))
+  tokens, mask = left_pad(ids, tokenizer.pad_id, length=prompt_len)
   feedback_len = max((len(tokenizer.encode(prompts.feedback_turn(n, True))) for n in range(1, A)),
                      default=0)
   if feedback_len > sampler.queue_len:
@@ -194,7 +206,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   answers = [problems[r // G]["answer"] for r in range(len(n_rows))]
   state, episodes = _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg,
                           prompt_len=tokens.shape[1], cache_len=cache_len)
-  return _result(sampler.outputs(state), episodes, problems, G, tokenizer, cfg)
+  return _result(sampler.outputs(state), episodes[:real_rows], problems, G, tokenizer, cfg)
 
 
 def _attempts_per_row(num_attempts, num_problems, G, single_turn, key, cfg) -> list:
@@ -224,7 +236,7 @@ def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *
   stop_ids = frozenset(int(t) for t in sampler.stop_ids)
   feedback_ids = functools.lru_cache(None)(lambda text: list(tokenizer.encode(text)))
   sampling, budget = SamplingParams.from_config(cfg), int(_get(cfg, "budget"))
-  while not all(ep.done for ep in episodes):
+  while distributed.any_process(not all(ep.done for ep in episodes)):
     state = sampler.run(params, state, int(_get(cfg, "chunk_tokens")), sampling)
     done = view.pull(state)
     spans = [view.attempt(b) if not ep.done else ([], []) for b, ep in enumerate(episodes)]
@@ -269,7 +281,7 @@ def _grade(ends, answers, grade_fn) -> list:
 
 
 def _result(out, episodes, problems, G, tokenizer, cfg) -> EpisodeResult:
-  rows = rows_from_output(out)
+  rows = rows_from_output(out)[:len(episodes)]  # padding episodes dropped
   meta = []
   for b, (row, ep) in enumerate(zip(rows, episodes)):
     row.group_id = b // G
@@ -288,30 +300,30 @@ def _result(out, episodes, problems, G, tokenizer, cfg) -> EpisodeResult:
                        metrics=episode_metrics(episodes, rows, max_k))
 
 
-def episode_metrics(episodes: Sequence[rules.Episode], rows, max_k: int) -> dict:
+def episode_metrics(episodes: Sequence[rules.Episode], rows, max_k: int) -> Metrics:
   """success@k (solved within k attempts), attempts, reward histogram, tokens, budget hits."""
   success = np.array([ep.success_attempt for ep in episodes])
   correct = np.array([ep.status == "correct" for ep in episodes])
   answered = np.array([ep.answered_any for ep in episodes])
-  metrics = {f"success@{k}": float(np.mean((success > 0) & (success <= k)))
-             for k in range(1, max_k + 1)}
-  metrics.update({
-      "reward/mean": float(np.mean([r.reward for r in rows])),
-      "reward/frac_correct": float(correct.mean()),
-      "reward/frac_wrong": float((~correct & answered).mean()),
-      "reward/frac_no_answer": float((~correct & ~answered).mean()),
-      "attempts_used/mean": float(np.mean([ep.attempts_used for ep in episodes])),
-      "tokens_per_episode/mean": float(np.mean([r.is_model.sum() for r in rows])),
-      "feedback_tokens/mean": float(np.mean([(~r.is_model).sum() for r in rows])),
-      "budget_hit/frac": float(np.mean([ep.status == "budget" for ep in episodes])),
-      "attempts/repeat_frac": repeat_fraction(episodes),
-  })
-  return metrics
+  m = Metrics()
+  for k in range(1, max_k + 1):
+    m.mean(f"success@{k}", (success > 0) & (success <= k))
+  m.mean("reward/mean", [r.reward for r in rows])
+  m.mean("reward/frac_correct", correct)
+  m.mean("reward/frac_wrong", ~correct & answered)
+  m.mean("reward/frac_no_answer", ~correct & ~answered)
+  m.mean("attempts_used/mean", [ep.attempts_used for ep in episodes])
+  m.mean("tokens_per_episode/mean", [r.is_model.sum() for r in rows])
+  m.mean("feedback_tokens/mean", [(~r.is_model).sum() for r in rows])
+  m.mean("budget_hit/frac", [ep.status == "budget" for ep in episodes])
+  m.ratio("attempts/repeat_frac", *repeat_counts(episodes))
+  return m
 
 
-def repeat_fraction(episodes) -> float:
-  """Of the attempts after the first, the fraction that re-give an answer the
-  episode already had rejected: the failure mode multi-attempt RL should fix."""
+def repeat_counts(episodes):
+  """(repeats, later attempts): of the attempts after the first, how many
+  re-give an answer the episode already had rejected, the failure mode
+  multi-attempt RL should fix."""
   later = repeats = 0
   for ep in episodes:
     seen = set()
@@ -321,4 +333,5 @@ def repeat_fraction(episodes) -> float:
         repeats += answer in seen
       if answer is not None:
         seen.add(answer)
-  return repeats / later if later else 0.0
+  return repeats, later
+

@@ -13,10 +13,12 @@ from typing import Callable, Optional, Sequence
 import ml_collections
 import numpy as np
 
+from mars import distributed
 from mars import prompts
 from mars.episodes.packing import EpisodeResult, pack, rows_from_output
+from mars.host_metrics import Metrics
 from mars.sampling import SamplingParams
-from mars.tokenizer import left_pad
+from mars.tokenizer import bucket_length, left_pad
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,7 +62,9 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key,
     raise ValueError(f"rollout: {len(texts)} prompts for {len(problems)} problems.")
   ids = tokenizer.encode_batch(texts)
   ids += [ids[-1]] * max(0, (pad_prompts_to or 0) - len(ids))
-  tokens, mask = left_pad(ids, tokenizer.pad_id)
+  # One prompt length for all processes of a multi-host run.
+  length = distributed.agree_max(bucket_length(max(map(len, ids)), 16))
+  tokens, mask = left_pad(ids, tokenizer.pad_id, length=length)
   out = sampler.generate(params, tokens, mask, key=key, n=G,
                          max_new_tokens=int(cfg.max_new_tokens),
                          sampling=SamplingParams.from_config(cfg))
@@ -88,10 +92,9 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key,
                        metrics=rollout_metrics(rows, grades))
 
 
-def rollout_metrics(rows, grades) -> dict:
-  return {
-      "reward/mean": float(np.mean([r.reward for r in rows])),
-      "accuracy/mean": float(np.mean([g.correct for g in grades])),
-      "response_length/mean": float(np.mean([len(r.response) for r in rows])),
-      "truncated/frac": float(np.mean([r.truncated for r in rows])),
-  }
+def rollout_metrics(rows, grades) -> Metrics:
+  return (Metrics()
+          .mean("reward/mean", [r.reward for r in rows])
+          .mean("accuracy/mean", [g.correct for g in grades])
+          .mean("response_length/mean", [len(r.response) for r in rows])
+          .mean("truncated/frac", [r.truncated for r in rows]))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mars import distributed
 from mars import sharding
 from mars.models import qwen
 from mars.models.config import ModelConfig
@@ -245,6 +246,21 @@ class Sampler:
       return state
     return jax.device_put(state, self._state_shardings(state))
 
+  # Multi-host: host-side arguments and results cover only this process's rows
+  # (the ones its devices hold); on device every array is global.
+  def _rows_to_device(self, local, dtype):
+    local = np.asarray(local, dtype)
+    if self.mesh is None:
+      return jnp.asarray(local)
+    return distributed.rows_to_global(local, sharding.batch_sharding(self.mesh, local.ndim))
+
+  def local_batch_size(self, state: DecodeState) -> int:
+    """Rows of `state` that belong to this process (all of them in one process)."""
+    if self.mesh is None or not distributed.is_multiprocess():
+      return state.batch_size
+    rows = distributed.local_rows(state.batch_size, sharding.batch_sharding(self.mesh, 1))
+    return rows.stop - rows.start
+
   # -- public API -------------------------------------------------------------
 
   def validate(self, prompt_tokens, prompt_mask, n, cache_len, sampling: SamplingParams):
@@ -260,8 +276,10 @@ class Sampler:
       raise ValueError(f"Sampler: prompt length {P} does not fit the cache of length {cache_len} "
                        "(it needs room for at least one new token).")
     if self.mesh is not None:
-      sharding.check_batch(prompt_mask.shape[0], self.mesh, "prompt batch")
-      sharding.check_batch(prompt_mask.shape[0] * n, self.mesh, "rollout batch (prompts × n)")
+      # Each process passes its own rows; the mesh sees all processes' rows.
+      rows = prompt_mask.shape[0] * (jax.process_count() if distributed.is_multiprocess() else 1)
+      sharding.check_batch(rows, self.mesh, "prompt batch")
+      sharding.check_batch(rows * n, self.mesh, "rollout batch (prompts × n)")
 
   def start(self, params, prompt_tokens, prompt_mask, *, key, n: int = 1, max_new_tokens=256,
             cache_len: Optional[int] = None, sampling: SamplingParams = SamplingParams()):
@@ -270,19 +288,19 @@ class Sampler:
     `max_new_tokens` is an int or a per-prompt-row [B·n] array (the
     multi-attempt token budget); `cache_len` defaults to P + max_new_tokens
     rounded up to a multiple of 128 (a handful of compiled shapes per run).
+    In a multi-host run, the prompts (and max_new_tokens) are this process's
+    rows and every process passes the same P and cache_len.
     """
     P = np.asarray(prompt_tokens).shape[1]
     max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (np.asarray(prompt_tokens).shape[0] * n,))
     if cache_len is None:
-      cache_len = -(-(P + int(max_new.max()) + 1) // 128) * 128
+      cache_len = -(-(P + distributed.agree_max(int(max_new.max())) + 1) // 128) * 128
     self.validate(prompt_tokens, prompt_mask, n, cache_len, sampling)
     params = self._place_params(params)
-    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, bool)
-    if self.mesh is not None:
-      rows = sharding.batch_sharding(self.mesh)
-      prompt_tokens, prompt_mask = jax.device_put((prompt_tokens, prompt_mask), rows)
-    state = _jit_prefill(params, prompt_tokens, prompt_mask, key, jnp.asarray(max_new),
+    prompt_tokens = self._rows_to_device(prompt_tokens, np.int32)
+    prompt_mask = self._rows_to_device(prompt_mask, bool)
+    state = _jit_prefill(params, prompt_tokens, prompt_mask, key,
+                         self._rows_to_device(max_new, np.int32),
                          cfg=self.cfg, mesh=self.mesh, n=n, cache_len=cache_len,
                          queue_len=self.queue_len, pad_id=self.pad_id)
     return self._place_state(state)
@@ -302,9 +320,9 @@ class Sampler:
     forced tokens enter the cache like any other token, are marked forced, and
     carry no logprob; then the row resumes sampling.
     """
-    if not queued:
-      return state
-    B = state.batch_size
+    if not queued and not distributed.is_multiprocess():
+      return state  # (every process must take part in a multi-host update)
+    B = self.local_batch_size(state)
     queue = np.full((B, self.queue_len), self.pad_id, np.int32)
     lengths = np.zeros((B,), np.int32)
     rows = np.zeros((B,), bool)
@@ -316,10 +334,11 @@ class Sampler:
       queue[row, :len(ids)] = ids
       lengths[row] = len(ids)
       rows[row] = True
-    rows_j = jnp.asarray(rows)
+    rows_j = self._rows_to_device(rows, bool)
     state = state.replace(
-        force_queue=jnp.where(rows_j[:, None], jnp.asarray(queue), state.force_queue),
-        force_len=jnp.where(rows_j, jnp.asarray(lengths), state.force_len),
+        force_queue=jnp.where(rows_j[:, None], self._rows_to_device(queue, np.int32),
+                              state.force_queue),
+        force_len=jnp.where(rows_j, self._rows_to_device(lengths, np.int32), state.force_len),
         force_ptr=jnp.where(rows_j, 0, state.force_ptr),
         done=state.done & ~rows_j,
         stopped=state.stopped & ~rows_j,
@@ -336,13 +355,13 @@ class Sampler:
     refunded to the budget. The next token is written at the shared cache
     index, so the KV state equals a fresh prefill of the kept transcript.
     """
-    if not keep_until:
+    if not keep_until and not distributed.is_multiprocess():
       return state
-    B, S = state.tokens.shape
-    cut = np.full((B,), S, np.int32)
+    S = state.cache_len
+    cut = np.full((self.local_batch_size(state),), S, np.int32)
     for row, col in keep_until.items():
       cut[row] = col
-    drop = jnp.arange(S)[None, :] >= jnp.asarray(cut)[:, None]
+    drop = jnp.arange(S)[None, :] >= self._rows_to_device(cut, np.int32)[:, None]
     valid = state.cache.valid & ~drop
     gen_mask = state.gen_mask & ~drop
     state = state.replace(
@@ -356,20 +375,22 @@ class Sampler:
 
   def finish(self, state: DecodeState, rows) -> DecodeState:
     """Marks rows as done (the host decided their episode is over)."""
-    mask = np.zeros((state.batch_size,), bool)
+    mask = np.zeros((self.local_batch_size(state),), bool)
     mask[list(rows)] = True
-    return state.replace(done=state.done | jnp.asarray(mask))
+    return state.replace(done=state.done | self._rows_to_device(mask, bool))
 
   def outputs(self, state: DecodeState) -> SampleOutput:
-    host = jax.device_get(state)
-    prompt_mask = np.zeros_like(host.gen_mask)
-    prompt_mask[:, :state.prompt_len] = np.asarray(host.cache.valid)[:, :state.prompt_len]
+    """Host copy of this process's rows (all rows in a single process)."""
+    host = distributed.host_local
+    gen_mask = host(state.gen_mask)
+    prompt_mask = np.zeros_like(gen_mask)
+    prompt_mask[:, :state.prompt_len] = host(state.cache.valid)[:, :state.prompt_len]
     return SampleOutput(
-        tokens=np.asarray(host.tokens), prompt_mask=prompt_mask,
-        gen_mask=np.asarray(host.gen_mask), forced_mask=np.asarray(host.forced_mask),
-        logp=np.asarray(host.logp), sampler_logp=np.asarray(host.sampler_logp),
-        lengths=np.asarray(host.num_generated), truncated=np.asarray(host.truncated),
-        stopped=np.asarray(host.stopped), prompt_len=state.prompt_len)
+        tokens=host(state.tokens), prompt_mask=prompt_mask,
+        gen_mask=gen_mask, forced_mask=host(state.forced_mask),
+        logp=host(state.logp), sampler_logp=host(state.sampler_logp),
+        lengths=host(state.num_generated), truncated=host(state.truncated),
+        stopped=host(state.stopped), prompt_len=state.prompt_len)
 
   def generate(self, params, prompt_tokens, prompt_mask, *, key, n: int = 1,
                max_new_tokens: int = 256, sampling: SamplingParams = SamplingParams(),
