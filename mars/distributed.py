@@ -32,6 +32,10 @@ from typing import Any, Mapping
 _EXPLICIT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
+class DistributedEnvError(ValueError):
+  """The environment describes a multi-process run inconsistently."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Detected:
   """How to initialize: `source` says why, `kwargs` go to jax.distributed.initialize."""
@@ -51,13 +55,13 @@ def detect(environ: Mapping[str, str] | None = None) -> Detected | None:
     # Half-set coordinator vars would otherwise hang or silently run alone.
     missing = [k for k in _EXPLICIT if k not in present]
     if missing:
-      raise ValueError(f"{present} set but {missing} missing; set all of {list(_EXPLICIT)}.")
+      raise DistributedEnvError(f"{present} set but {missing} missing; set all of {list(_EXPLICIT)}.")
     try:
       num, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
     except ValueError as e:
-      raise ValueError(f"JAX_NUM_PROCESSES / JAX_PROCESS_ID must be integers: {e}") from None
+      raise DistributedEnvError(f"JAX_NUM_PROCESSES / JAX_PROCESS_ID must be integers: {e}") from None
     if not 0 <= pid < num:
-      raise ValueError(f"JAX_PROCESS_ID={pid} out of range for JAX_NUM_PROCESSES={num}.")
+      raise DistributedEnvError(f"JAX_PROCESS_ID={pid} out of range for JAX_NUM_PROCESSES={num}.")
     if num > 1:
       return Detected("explicit", dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                        num_processes=num, process_id=pid))
@@ -171,7 +175,8 @@ def is_multiprocess() -> bool:
 
 
 def host_local(x):
-  """This process's rows (dim 0) of a jax.Array as numpy (all of it in one process).
+  """This process's rows (dim 0) of a jax.Array as numpy (all of it in one process);
+  the inverse of global_array_from_local.
 
   Shards are taken along dim 0 only: the arrays this is used on (sampler
   buffers, batch fields) are split over rows and replicated over the rest.
@@ -188,13 +193,6 @@ def host_local(x):
     blocks.setdefault(idx[0].indices(x.shape[0])[0] if idx else 0, shard.data)
   starts = sorted(blocks)
   return np.concatenate([np.asarray(blocks[s]) for s in starts], 0)
-
-
-def rows_to_global(local, sharding):
-  """Global jax.Array from this process's rows (the whole array in one process)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return jax.make_array_from_process_local_data(sharding, np.asarray(local))
 
 
 def _allgather(values):

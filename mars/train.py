@@ -351,7 +351,7 @@ def to_device_batch(run: Run, result):
     rows = [dataclasses.replace(r, group_id=r.group_id + offset) for r in result.rows]
     host = packing.pack(rows, run.tokenizer.pad_id, prompt_len=P, total_len=P + T)
   shardings = step_lib.batch_shardings(run.mesh)
-  return jax.tree.map(distributed.rows_to_global, host, shardings)
+  return jax.tree.map(distributed.global_array_from_local, host, shardings)
 
 
 def lte_cfg(run: Run, episode: str):
@@ -596,8 +596,9 @@ def main(argv):
     train(flags.FLAGS.config, workdir, max_steps=flags.FLAGS.max_steps)
   except Exception as e:  # one clear line for config / input errors
     from mars.config import ConfigError
+    from mars.distributed import DistributedEnvError
     from mars.sharding import ShardingError
-    if isinstance(e, (ConfigError, ShardingError, FileNotFoundError)):
+    if isinstance(e, (ConfigError, ShardingError, FileNotFoundError, DistributedEnvError)):
       print(f"mars.train: error: {e}", file=sys.stderr)
       sys.exit(2)
     raise

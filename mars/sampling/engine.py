@@ -252,7 +252,8 @@ class Sampler:
     local = np.asarray(local, dtype)
     if self.mesh is None:
       return jnp.asarray(local)
-    return distributed.rows_to_global(local, sharding.batch_sharding(self.mesh, local.ndim))
+    rows = sharding.batch_sharding(self.mesh, local.ndim)
+    return distributed.global_array_from_local(local, rows)
 
   def local_batch_size(self, state: DecodeState) -> int:
     """Rows of `state` that belong to this process (all of them in one process)."""
