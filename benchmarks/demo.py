@@ -6,8 +6,8 @@ Trains configs/tiny.py through the real CLI in four variants and evaluates them:
   grpo  single-turn GRPO                      } all-fail fraction at the same
   lte   single-turn GRPO + LTE hinted rollouts } budget (the LTE paper's key curve)
 For ma and st: accuracy with exactly 1..4 attempts on held-out problems
-(mars.evaluate, attempts mode), against the ceiling min(N/k, 1) and the
-random-with-repeats line 1-(1-1/k)^N. Prints a table and writes JSON.
+(mars.evaluate, attempts mode, greedy), against the ceiling min(N/k, 1) and
+the 1/k of a greedy policy that ignores the feedback (it repeats its answer). Prints a table and writes JSON.
 
     python benchmarks/demo.py --out benchmarks/results/demo_cpu.json [--parts ma,st,grpo,lte]
 """
@@ -78,6 +78,9 @@ def main(argv=None):
   result["k"] = k
   result["ceiling"] = [min(n / k, 1.0) for n in range(1, K + 1)]
   result["random_with_repeats"] = [1 - (1 - 1 / k) ** n for n in range(1, K + 1)]
+  # Evaluation is greedy: a policy that ignores the feedback re-gives its argmax
+  # answer every attempt, so it stays at 1/k for every N.
+  result["greedy_ignoring_feedback"] = [1 / k] * K
   for name in args.parts.split(","):
     workdir = os.path.join(root, name)
     rows, secs = train(name, workdir, extra)
@@ -98,7 +101,8 @@ def main(argv=None):
     if args.out:
       with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-  print(f"k = {k}; ceiling min(N/k,1) = {result['ceiling']}")
+  print(f"k = {k}; ceiling min(N/k,1) = {[round(c, 2) for c in result['ceiling']]}; "
+        f"greedy, ignoring feedback = {1 / k:.2f} at every N")
   print(f"{'run':6s}{'wall s':>8s}{'reward first5':>15s}{'reward last5':>14s}  acc with N=1..4 attempts")
   for name in ("ma", "st", "grpo", "lte"):
     e = result.get(name)

@@ -117,6 +117,7 @@ def _optim(lr):
   o.lr = lr
   o.schedule = "constant"        # constant | cosine (warmup + cosine to min_lr_ratio)
   o.warmup_steps = 0
+  o.delay_steps = 0              # lr 0 for the first updates (PPO actor: let the critic learn)
   o.total_steps = 0              # 0 = train.steps × updates per step
   o.min_lr_ratio = 0.1
   o.b1 = 0.9

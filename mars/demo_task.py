@@ -29,7 +29,10 @@ from mars.models.config import ModelConfig
 
 SOURCE = "candidates"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2.
+# One token per boxed single-digit answer, "{7}", distinct from the listed "7".
+BOXED_DIGIT_TOKENS = tuple("{%d}" % d for d in range(10))
 _BUILD_INFO = "mars_demo_tokenizer.json"
+_TOKENIZER_VERSION = 2  # 2: BOXED_DIGIT_TOKENS added
 INIT_STD = 0.05
 
 
@@ -119,14 +122,22 @@ def tokenizer_corpus(seed: int = 0, num_problems: int = 600) -> list:
 def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> str:
   """Trains (or reuses) the demo's byte-level BPE tokenizer; returns `out_dir`.
 
-  `vocab_size` is a cap: the corpus runs out of merges near 413 tokens.
-  Byte-level, so any text round-trips exactly. Digits are split one by one,
-  as in Qwen's own tokenizer: a number is the same digit tokens in the
-  prompt and in \\boxed{}, so copying a candidate is a plain attention match.
-  The corpus is the demo's templates only, so their words become single
-  tokens and prompts stay short. Loads with mars.tokenizer.load_tokenizer.
+  `vocab_size` caps the BPE merges (the corpus runs out near 413 tokens);
+  BOXED_DIGIT_TOKENS add 10 more. Byte-level, so any text round-trips
+  exactly. Digits are split one by one, as in Qwen's own tokenizer, except
+  a boxed single digit: "\\boxed{7}" ends in the one token "{7}". The
+  verifier sees the same text either way; the token is for the tiny model.
+  "Don't box a candidate I already boxed" is then a one-layer circuit
+  (attend to earlier "{d}" tokens, lower their logits), where with a plain
+  "7" it must first tell a boxed "7" from a listed "7" by its neighbour, a
+  two-layer composition. Measured with supervised labels (2 layers, 400
+  steps): the rejected candidate's share fell to ~8% with "{d}" tokens and
+  only to ~35% without. The corpus is the demo's templates only, so their
+  words become single tokens and prompts stay short. Loads with
+  mars.tokenizer.load_tokenizer.
   """
-  info = {"vocab_size": vocab_size, "seed": seed, "special_tokens": list(SPECIAL_TOKENS)}
+  info = {"vocab_size": vocab_size, "seed": seed, "special_tokens": list(SPECIAL_TOKENS),
+          "version": _TOKENIZER_VERSION}
   info_path = os.path.join(out_dir, _BUILD_INFO)
   if os.path.exists(info_path):
     with open(info_path) as f:
@@ -155,7 +166,7 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
 
 
 def _train_tokenizer(vocab_size: int, seed: int):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -167,6 +178,8 @@ def _train_tokenizer(vocab_size: int, seed: int):
       special_tokens=list(SPECIAL_TOKENS),
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+  # Added (not special) tokens: matched before pre-tokenization, kept on decode.
+  tok.add_tokens([AddedToken(t, normalized=False) for t in BOXED_DIGIT_TOKENS])
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, eos_token=prompts.IM_END, pad_token="<|endoftext|>",
       additional_special_tokens=["<|im_start|>"], clean_up_tokenization_spaces=False,
@@ -213,11 +226,12 @@ def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
   1/k of the time, as chance).
 
   A `feedback_fraction` of the prompts are a multi-attempt transcript after
-  one rejected attempt (a wrong candidate, as in a real episode, closed
-  either way the episode code may close it), and the second answer is again
-  uniform over ALL candidates, the rejected one included: the warm start
-  shows the turn layout but does not teach avoiding a rejected candidate.
-  Learning that is left to RL.
+  1 to attempts-1 rejected attempts (wrong candidates drawn independently, so
+  they may repeat, as in a real episode; each closed either way the episode
+  code may close it), and the next answer is again uniform over ALL
+  candidates, the rejected ones included: the warm start shows the turn
+  layout at every depth an episode reaches but does not teach avoiding a
+  rejected candidate. Learning that is left to RL.
   """
   rng = np.random.default_rng(rng)
   examples = []
@@ -231,11 +245,12 @@ def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
     attempts = int(rng.integers(1, max_attempts + 1))
     prompt = prompts.multi_attempt_prompt(row["problem"], attempts)
     if attempts > 1 and rng.random() < feedback_fraction:
-      wrong = rng.choice([c for c in candidates if str(c) != row["answer"]])
-      # closed: the episode cut the turn right after the box (no "." or <|im_end|>).
-      closed = bool(rng.integers(2))
-      first = answer_text(wrong)
-      prompt += first.removesuffix(".") if closed else first + prompts.IM_END
-      prompt += prompts.feedback_turn(attempts - 1, close_assistant=closed)
+      wrong = [c for c in candidates if str(c) != row["answer"]]
+      for left in range(attempts - 1, attempts - 1 - int(rng.integers(1, attempts)), -1):
+        # closed: the episode cut the turn right after the box (no "." or <|im_end|>).
+        closed = bool(rng.integers(2))
+        first = answer_text(rng.choice(wrong))
+        prompt += first.removesuffix(".") if closed else first + prompts.IM_END
+        prompt += prompts.feedback_turn(left, close_assistant=closed)
     examples.append((prompt, response))
   return examples

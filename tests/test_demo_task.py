@@ -1,6 +1,7 @@
 """The demo's synthetic task, tokenizer, model config and format-only examples."""
 import collections
 import os
+import re
 
 import numpy as np
 import pytest
@@ -71,8 +72,12 @@ def test_tokenizer_round_trips_and_is_small(tokenizer_dir):
   assert tok.pad_id == vocab["<|endoftext|>"] and tok.im_end_id == vocab["<|im_end|>"]
   assert tok.vocab_size <= 1000
   assert len(tok.encode(prompts.multi_attempt_prompt(problem, 5))) < 100
-  # Digits are single tokens, the same in the prompt and in \boxed{}.
-  assert tok.encode("7") == tok.encode("{7}")[1:2] == tok.encode(" 7")[1:]
+  # Digits are single tokens; a boxed single digit is one token of its own
+  # (demo_task.BOXED_DIGIT_TOKENS), a longer boxed number is digit tokens.
+  vocab = tok.hf.get_vocab()
+  assert tok.encode("7") == tok.encode(" 7")[1:] == tok.encode("{17}")[2:3]
+  assert tok.encode("\\boxed{7}")[-1] == vocab["{7}"] != vocab["7"]
+  assert tok.encode("{17}") == [vocab["{"], vocab["1"], vocab["7"], vocab["}"]]
 
 
 def test_tokenizer_is_deterministic_and_cached(tokenizer_dir, tmp_path):
@@ -105,6 +110,7 @@ class _FirstIsRight(demo_task.CandidateTask):
 def test_format_examples_do_not_leak_the_answer():
   examples = demo_task.format_examples(_FirstIsRight(), 3000, np.random.default_rng(0))
   right = rejected_again = feedback = 0
+  depths = set()
   for prompt, response in examples:
     assert response.startswith("The answer is \\boxed{") and response.endswith(prompts.IM_END)
     assert prompt.endswith("<|im_start|>assistant\n")
@@ -114,11 +120,13 @@ def test_format_examples_do_not_leak_the_answer():
     right += chosen == candidates[0]
     if "Your answer is incorrect" in prompt:
       feedback += 1
-      rejected = int(extract_boxed(prompt))
-      assert rejected in candidates[1:]  # feedback only follows a wrong answer
-      rejected_again += chosen == rejected
+      rejected = [int(r) for r in re.findall(r"\\boxed\{(\d+)\}", prompt)]
+      assert prompt.count("Your answer is incorrect") == len(rejected) >= 1
+      assert set(rejected) <= set(candidates[1:])  # feedback only follows a wrong answer
+      depths.add(len(rejected))
+      rejected_again += chosen == rejected[-1]
   # Binomial(n, 1/3): 4 standard deviations either way.
   assert abs(right / 3000 - 1 / 3) < 4 * np.sqrt(2 / 9 / 3000)
-  assert feedback > 300
+  assert feedback > 300 and depths == {1, 2, 3, 4}  # every depth an episode reaches
   assert abs(rejected_again / feedback - 1 / 3) < 4 * np.sqrt(2 / 9 / feedback)
   assert examples == demo_task.format_examples(_FirstIsRight(), 3000, 0)

@@ -4,6 +4,9 @@ Config keys (ml_collections.ConfigDict or dict; defaults in brackets):
   lr [1e-6]             peak learning rate.
   min_lr_ratio [0.0]    end lr as a fraction of lr; `min_lr` (absolute) wins if set.
   warmup_steps [0]      linear warmup from 0 to lr.
+  delay_steps [0]       lr 0 for this many updates before the warmup: a PPO
+                        actor waits while a fresh critic learns its values
+                        (verl's critic_warmup); Adam's moments still fill.
   total_steps [None]    length of warmup + cosine decay (required for "cosine").
   schedule ["constant"] "constant" (after warmup) or "cosine".
   b1 [0.9], b2 [0.999], eps [1e-8], weight_decay [0.0].
@@ -24,6 +27,17 @@ def _get(cfg, key, default=None):
 
 
 def make_schedule(opt_cfg) -> optax.Schedule:
+  delay = int(_get(opt_cfg, "delay_steps", 0))
+  if delay <= 0:
+    return _schedule(opt_cfg)
+  rest = dict(opt_cfg)
+  if _get(opt_cfg, "total_steps") is not None:  # the cosine still ends at total_steps
+    rest["total_steps"] = int(opt_cfg["total_steps"]) - delay
+  schedule = _schedule(rest)
+  return optax.join_schedules([optax.constant_schedule(0.0), schedule], [delay])
+
+
+def _schedule(opt_cfg) -> optax.Schedule:
   lr = float(_get(opt_cfg, "lr", 1e-6))
   warmup = int(_get(opt_cfg, "warmup_steps", 0))
   kind = _get(opt_cfg, "schedule", "constant")
