@@ -7,7 +7,8 @@ Trains configs/tiny.py through the real CLI in four variants and evaluates them:
   lte   single-turn GRPO + LTE hinted rollouts } budget (the LTE paper's key curve)
 For ma and st: accuracy with exactly 1..4 attempts on held-out problems
 (mars.evaluate, attempts mode, greedy), against the ceiling min(N/k, 1) and
-the 1/k of a greedy policy that ignores the feedback (it repeats its answer). Prints a table and writes JSON.
+the 1/k of a greedy policy that ignores the feedback (it repeats its answer).
+Prints a table and writes JSON.
 
     python benchmarks/demo.py --out benchmarks/results/demo_cpu.json [--parts ma,st,grpo,lte]
 """

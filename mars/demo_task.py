@@ -246,11 +246,12 @@ def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
     prompt = prompts.multi_attempt_prompt(row["problem"], attempts)
     if attempts > 1 and rng.random() < feedback_fraction:
       wrong = [c for c in candidates if str(c) != row["answer"]]
-      for left in range(attempts - 1, attempts - 1 - int(rng.integers(1, attempts)), -1):
+      rejections = int(rng.integers(1, attempts))
+      for i in range(rejections):
         # closed: the episode cut the turn right after the box (no "." or <|im_end|>).
         closed = bool(rng.integers(2))
-        first = answer_text(rng.choice(wrong))
-        prompt += first.removesuffix(".") if closed else first + prompts.IM_END
-        prompt += prompts.feedback_turn(left, close_assistant=closed)
+        rejected = answer_text(rng.choice(wrong))
+        prompt += rejected.removesuffix(".") if closed else rejected + prompts.IM_END
+        prompt += prompts.feedback_turn(attempts - 1 - i, close_assistant=closed)
     examples.append((prompt, response))
   return examples
