@@ -36,6 +36,10 @@ _TOKENIZER_VERSION = 2  # 2: BOXED_DIGIT_TOKENS added
 INIT_STD = 0.05
 
 
+class TokenizerDirError(ValueError):
+  """The demo tokenizer directory holds something else (mars.train: one error line)."""
+
+
 class CandidateTask:
   """Deterministic random-access source of candidate problems (no storage).
 
@@ -143,10 +147,12 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
     with open(info_path) as f:
       if json.load(f) == info:
         return out_dir
-    raise ValueError(f"{out_dir} holds a demo tokenizer built with other settings "
-                     f"({info_path}); use another directory.")
+    raise TokenizerDirError(f"{out_dir} holds a demo tokenizer built with other settings "
+                            f"({info_path}; a workdir from an older mars?); use another "
+                            "directory.")
   if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise ValueError(f"{out_dir} is not empty and holds no demo tokenizer; use another directory.")
+    raise TokenizerDirError(f"{out_dir} is not empty and holds no demo tokenizer; use another "
+                            "directory.")
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   # Build aside and rename: concurrent processes never see a partial directory.

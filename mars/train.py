@@ -596,9 +596,11 @@ def main(argv):
     train(flags.FLAGS.config, workdir, max_steps=flags.FLAGS.max_steps)
   except Exception as e:  # one clear line for config / input errors
     from mars.config import ConfigError
+    from mars.demo_task import TokenizerDirError
     from mars.distributed import DistributedEnvError
     from mars.sharding import ShardingError
-    if isinstance(e, (ConfigError, ShardingError, FileNotFoundError, DistributedEnvError)):
+    if isinstance(e, (ConfigError, ShardingError, FileNotFoundError, DistributedEnvError,
+                      TokenizerDirError)):
       print(f"mars.train: error: {e}", file=sys.stderr)
       sys.exit(2)
     raise
