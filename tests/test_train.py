@@ -158,3 +158,25 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
               "dapo": ["dapo/kept_groups", "dapo/overlong_penalty_mean"]}[mode]
   for key in expected:
     assert key in last, (key, sorted(last))
+
+
+def test_demo_reward_improves(tmp_path):
+  """A shortened demo (fixed seed, a brief format warm start) raises the mean reward.
+
+  The warm start is cut short on purpose so the starting policy still often
+  fails to box a candidate (reward -1): the first thing RL must fix, as in a
+  real run's format phase. Measured (2 cores): reward -0.48 over the first
+  2 steps -> -0.20 over the last 4, no-answer 0.20 -> 0.02; with
+  actor_optim.lr = 0 the same run stays at -0.48 / 0.21, failing both asserts.
+  """
+  from mars import config as mars_config
+  from mars import train
+  c = mars_config.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+  c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 8, 8, 32
+  c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 40, 12, 100, 1
+  train.train(c, str(tmp_path / "demo"))
+  rows = _metrics(str(tmp_path / "demo"))
+  reward = [r["reward/mean"] for r in rows]
+  no_answer = [r["reward/frac_no_answer"] for r in rows]
+  assert np.mean(reward[-4:]) > np.mean(reward[:2]) + 0.1, reward
+  assert np.mean(no_answer[-4:]) < 0.5 * np.mean(no_answer[:2]), no_answer
