@@ -1,16 +1,22 @@
 """The embedded demo, measured: does multi-attempt RL teach the policy to use feedback?
 
-Trains configs/tiny.py through the real CLI in four variants and evaluates them:
-  ma    multi-attempt episodes (the default demo)
-  st    the same demo trained single-turn (--config.episode.max_attempts=1)
-  grpo  single-turn GRPO                      } all-fail fraction at the same
-  lte   single-turn GRPO + LTE hinted rollouts } budget (the LTE paper's key curve)
+Trains configs/tiny.py through the real CLI in these variants and evaluates them:
+  ma          multi-attempt episodes (the default demo)
+  st          the same demo trained single-turn (--config.episode.max_attempts=1)
+  grpo        single-turn GRPO                       } all-fail fraction at the
+  lte         single-turn GRPO + LTE hinted rollouts  } same budget (the LTE
+  grpo-first  the same two on the learnable rule     } paper's key curve), per
+  lte-first   (answer = first of k=8 candidates)     } seed (--seeds)
+The single-turn GRPO/LTE runs use lr 1e-3: at the demo's 2e-3 single-turn
+GRPO collapsed to "no answer" within 60 steps (measured), which says nothing
+about LTE.
 For ma and st: accuracy with exactly 1..4 attempts on held-out problems
 (mars.evaluate, attempts mode, greedy), against the ceiling min(N/k, 1) and
 the 1/k of a greedy policy that ignores the feedback (it repeats its answer).
 Prints a table and writes JSON.
 
-    python benchmarks/demo.py --out benchmarks/results/demo_cpu.json [--parts ma,st,grpo,lte]
+    python benchmarks/demo.py --out benchmarks/results/demo_cpu.json \
+        [--parts ma,st,grpo,lte,grpo-first,lte-first] [--seeds 0,1]
 """
 import argparse
 import json
@@ -24,9 +30,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "ma": [],
     "st": ["--config.episode.min_attempts=1", "--config.episode.max_attempts=1"],
-    "grpo": ["--config.episode.kind=single_turn"],
-    "lte": ["--config.episode.kind=single_turn", "--config.lte.enabled=True"],
 }
+_SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3"]
+_FIRST_RULE = ["--config.data.candidates_rule=first", "--config.data.candidates_k=8"]
+VARIANTS.update({
+    "grpo": _SINGLE_TURN,
+    "lte": _SINGLE_TURN + ["--config.lte.enabled=True"],
+    "grpo-first": _SINGLE_TURN + _FIRST_RULE,
+    "lte-first": _SINGLE_TURN + _FIRST_RULE + ["--config.lte.enabled=True"],
+})
 
 
 def train(name, workdir, extra):
@@ -36,6 +48,12 @@ def train(name, workdir, extra):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
   return rows, time.perf_counter() - t0
+
+
+def _reward_entry(rows, secs):
+  return {"wall_s": secs, "steps": rows[-1]["step"],
+          "reward_first5": mean_of(rows, "reward/mean"),
+          "reward_last5": mean_of(rows, "reward/mean", first=False)}
 
 
 def mean_of(rows, key, first=True, n=5):
@@ -60,6 +78,7 @@ def main(argv=None):
   p.add_argument("--out", default=None)
   p.add_argument("--parts", default="ma,st,grpo,lte")
   p.add_argument("--limit", type=int, default=300)
+  p.add_argument("--seeds", default="0", help="seeds for the GRPO/LTE variants, e.g. 0,1,2")
   p.add_argument("--workdir", default=None)
   p.add_argument("--extra", default="", help="extra --config.* flags for every run")
   args = p.parse_args(argv)
@@ -82,37 +101,48 @@ def main(argv=None):
   # Evaluation is greedy: a policy that ignores the feedback re-gives its argmax
   # answer every attempt, so it stays at 1/k for every N.
   result["greedy_ignoring_feedback"] = [1 / k] * K
+  seeds = [int(x) for x in args.seeds.split(",")]
   for name in args.parts.split(","):
-    workdir = os.path.join(root, name)
-    rows, secs = train(name, workdir, extra)
-    entry = {"wall_s": secs, "steps": rows[-1]["step"],
-             "reward_first5": mean_of(rows, "reward/mean"),
-             "reward_last5": mean_of(rows, "reward/mean", first=False)}
     if name in ("ma", "st"):
+      workdir = os.path.join(root, name)
+      rows, secs = train(name, workdir, extra)
+      entry = _reward_entry(rows, secs)
       entry["acc_vs_attempts"] = evaluate(workdir, os.path.join(workdir, "eval"), args.limit, K)
       entry["repeat_frac_first5"] = mean_of(rows, "attempts/repeat_frac")
       entry["repeat_frac_last5"] = mean_of(rows, "attempts/repeat_frac", first=False)
     else:
       # The policy's own all-fail rate, before any LTE replacement.
-      key = "lte/all_fail_frac" if name == "lte" else "groups/all_fail_frac"
-      entry["all_fail_first5"] = mean_of(rows, key)
-      entry["all_fail_last5"] = mean_of(rows, key, first=False)
-      entry["all_fail_mean"] = mean_of(rows, key, n=len(rows))
+      key = "lte/all_fail_frac" if name.startswith("lte") else "groups/all_fail_frac"
+      per_seed = []
+      for seed in seeds:
+        rows, secs = train(name, os.path.join(root, f"{name}-seed{seed}"),
+                           extra + [f"--config.seed={seed}"])
+        e = _reward_entry(rows, secs)
+        e.update(seed=seed, all_fail_first5=mean_of(rows, key),
+                 all_fail_last5=mean_of(rows, key, first=False),
+                 all_fail_mean=mean_of(rows, key, n=len(rows)))
+        per_seed.append(e)
+      entry = {k: sum(e[k] for e in per_seed) / len(per_seed) for k in per_seed[0] if k != "seed"}
+      entry["per_seed"] = per_seed
     result[name] = entry
     if args.out:
       with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
   print(f"k = {k}; ceiling min(N/k,1) = {[round(c, 2) for c in result['ceiling']]}; "
         f"greedy, ignoring feedback = {1 / k:.2f} at every N")
-  print(f"{'run':6s}{'wall s':>8s}{'reward first5':>15s}{'reward last5':>14s}  acc with N=1..4 attempts")
-  for name in ("ma", "st", "grpo", "lte"):
+  print(f"{'run':11s}{'wall s':>8s}{'reward first5':>15s}{'reward last5':>14s}  "
+        f"acc with N=1..4 attempts | all-fail fraction (mean over seeds)")
+  for name in VARIANTS:
     e = result.get(name)
     if not e:
       continue
     acc = " ".join(f"{a:.2f}" for a in e.get("acc_vs_attempts", []))
-    fail = (f"  all-fail first5 {e['all_fail_first5']:.2f} last5 {e['all_fail_last5']:.2f}"
-            if "all_fail_first5" in e else "")
-    print(f"{name:6s}{e['wall_s']:8.0f}{e['reward_first5']:15.3f}{e['reward_last5']:14.3f}  {acc}{fail}")
+    fail = ""
+    if "all_fail_first5" in e:
+      seeds_txt = " ".join(f"{s['all_fail_mean']:.2f}" for s in e.get("per_seed", []))
+      fail = (f"all-fail first5 {e['all_fail_first5']:.2f} last5 {e['all_fail_last5']:.2f} "
+              f"mean {e['all_fail_mean']:.2f} (per seed: {seeds_txt})")
+    print(f"{name:11s}{e['wall_s']:8.0f}{e['reward_first5']:15.3f}{e['reward_last5']:14.3f}  {acc}{fail}")
   return result
 
 

@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""            # "" = $MARS_DATA_DIR (offline files) or download
   c.data.prompts_per_step = 128
   c.data.candidates_k = 3         # demo task: candidates per problem
+  c.data.candidates_rule = "hidden"  # demo task: hidden | first (see demo_task.RULES)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8        # G samples (or episodes) per prompt
@@ -142,6 +143,11 @@ def validate(c, num_devices: int = None) -> None:
   if c.rl.adv_estimator not in ADV_ESTIMATORS:
     raise ConfigError(f"Unknown rl.adv_estimator {c.rl.adv_estimator!r}; choose one of "
                       f"{ADV_ESTIMATORS}.")
+  if c.data.name == "candidates":
+    from mars.demo_task import RULES
+    if c.data.candidates_rule not in RULES:
+      raise ConfigError(f"Unknown data.candidates_rule {c.data.candidates_rule!r}; choose one of "
+                        f"{RULES}.")
   if c.algorithm == "ppo" and c.rl.adv_estimator != "gae":
     raise ConfigError("algorithm 'ppo' needs rl.adv_estimator='gae' (it trains a critic).")
   if c.algorithm != "ppo" and c.rl.adv_estimator == "gae":

@@ -31,6 +31,10 @@ SOURCE = "candidates"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2.
 # One token per boxed single-digit answer, "{7}", distinct from the listed "7".
 BOXED_DIGIT_TOKENS = tuple("{%d}" % d for d in range(10))
+# "hidden": the answer is uniform among the candidates, unknowable from the
+# prompt (the multi-attempt demo). "first": always the first listed, a rule RL
+# can learn from the reward alone (the LTE demo: failed groups it can rescue).
+RULES = ("hidden", "first")
 _BUILD_INFO = "mars_demo_tokenizer.json"
 _TOKENIZER_VERSION = 2  # 2: BOXED_DIGIT_TOKENS added
 INIT_STD = 0.05
@@ -49,14 +53,17 @@ class CandidateTask:
   """
 
   def __init__(self, k: int = 3, num_problems: int = 100_000, seed: int = 0,
-               value_range: tuple = (0, 10)):
+               value_range: tuple = (0, 10), rule: str = "hidden"):
     lo, hi = value_range
     if k < 2:
       raise ValueError(f"k must be >= 2, got {k}")
+    if rule not in RULES:
+      raise ValueError(f"unknown candidates rule {rule!r}; choose one of {RULES}")
     if hi - lo < k:
       raise ValueError(f"value_range {value_range} holds fewer than k={k} values")
     self.k, self.num_problems, self.seed = k, num_problems, seed
     self.value_range = (lo, hi)
+    self.rule = rule
 
   def __len__(self) -> int:
     return self.num_problems
@@ -74,15 +81,16 @@ class CandidateTask:
             "answer": str(answer), "source": SOURCE}
 
   def sample(self, index: int):
-    """(candidates, answer) of row `index`: distinct values, answer uniform among them."""
+    """(candidates, answer) of row `index`: distinct values; the answer per `rule`."""
     rng = np.random.default_rng((self.seed, index))
     lo, hi = self.value_range
     candidates = [int(c) for c in rng.choice(hi - lo, size=self.k, replace=False) + lo]
-    return candidates, candidates[int(rng.integers(self.k))]
+    hidden = candidates[int(rng.integers(self.k))]
+    return candidates, candidates[0] if self.rule == "first" else hidden
 
   def __repr__(self) -> str:
     return (f"CandidateTask(k={self.k}, num_problems={self.num_problems}, seed={self.seed}, "
-            f"value_range={self.value_range})")
+            f"value_range={self.value_range}, rule={self.rule!r})")
 
 
 def problem_text(candidates) -> str:

@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = ""                 # TFDS dir ("" = $MARS_TFDS_DIR or ~/.cache/mars/tfds)
   c.candidates_k = 0              # demo benchmark: candidates per problem; 0 = the run's (else 3)
   c.candidates_problems = 500
+  c.candidates_rule = ""          # demo benchmark: hidden | first; "" = the run's (else hidden)
   return c
 
 
@@ -120,6 +121,9 @@ def validate(cfg) -> list:
     raise EvalError(f"max_attempts must be >= 1, got {cfg.max_attempts}.")
   if cfg.limit < 0 or cfg.batch_size < 1:
     raise EvalError(f"limit must be >= 0 and batch_size >= 1, got {cfg.limit}, {cfg.batch_size}.")
+  from mars.demo_task import RULES
+  if cfg.candidates_rule and cfg.candidates_rule not in RULES:
+    raise EvalError(f"Unknown candidates_rule {cfg.candidates_rule!r}; choose one of {RULES}.")
   return names
 
 
@@ -129,7 +133,8 @@ def load_problems(name: str, cfg) -> list:
   if name == DEMO_BENCHMARK:
     from mars import demo_task
     source = demo_task.CandidateTask(k=cfg.candidates_k or 3, num_problems=cfg.candidates_problems,
-                                     seed=cfg.seed + HELD_OUT_SEED_OFFSET)
+                                     seed=cfg.seed + HELD_OUT_SEED_OFFSET,
+                                     rule=cfg.candidates_rule or "hidden")
   else:
     from mars import data
     source = data.load_source(name, "test", data_dir=cfg.data_dir or None)
@@ -159,14 +164,19 @@ def checkpoint_kind(path: str) -> str:
                   f"HF model directory (no config.json + *.safetensors).")
 
 
-def run_candidates_k(workdir: str) -> int:
-  """The demo task's k a run trained on (its config.json), so eval asks the same question."""
+def run_candidates_task(workdir: str) -> tuple:
+  """The demo task's (k, rule) a run trained on (its config.json), so eval asks the same question."""
   import json
   try:
     with open(os.path.join(workdir, "config.json")) as f:
-      return int(json.load(f)["data"]["candidates_k"])
+      data = json.load(f)["data"]
   except (OSError, KeyError, ValueError):
-    return 0
+    return 0, ""
+  try:
+    k = int(data.get("candidates_k", 0))
+  except (TypeError, ValueError):
+    k = 0
+  return k, str(data.get("candidates_rule", ""))
 
 
 def make_mesh(shape):
@@ -335,6 +345,7 @@ def trainer_eval_config(run_config) -> ml_collections.ConfigDict:
   for k in ("budget", "chunk_tokens", "attempt_end"):
     cfg[k] = run_config.episode[k]
   cfg.candidates_k = run_config.data.candidates_k
+  cfg.candidates_rule = run_config.data.candidates_rule
   cfg.grader_workers = run_config.train.grader_workers
   cfg.grader_timeout_s = run_config.train.grader_timeout_s
   overrides = run_config.eval.to_dict()
@@ -389,8 +400,10 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
   names = validate(cfg)
   if not out_dir:
     raise EvalError("--out is required.")
-  if checkpoint_kind(checkpoint) == "run" and not cfg.candidates_k:
-    cfg.candidates_k = run_candidates_k(checkpoint)
+  if checkpoint_kind(checkpoint) == "run":
+    run_k, run_rule = run_candidates_task(checkpoint)
+    cfg.candidates_k = cfg.candidates_k or run_k
+    cfg.candidates_rule = cfg.candidates_rule or run_rule
   for d in compare:  # fail now, not after hours of sampling
     eval_report.read_json(d)
   import jax

@@ -141,7 +141,8 @@ def warm_start(config, model_cfg, params, tokenizer, mesh):
 def make_source(config, split: Optional[str] = None, seed_offset: int = 0):
   if config.data.name == "candidates":
     from mars import demo_task
-    return demo_task.CandidateTask(k=config.data.candidates_k, seed=config.seed + seed_offset)
+    return demo_task.CandidateTask(k=config.data.candidates_k, seed=config.seed + seed_offset,
+                                   rule=config.data.candidates_rule)
   from mars import data
   return data.load_source(config.data.name, split or config.data.split,
                           data_dir=config.data.data_dir or None)

@@ -43,6 +43,15 @@ def test_answer_is_a_candidate_at_a_uniform_position():
   assert chi2 < 13.8, counts  # p = 0.001 for 2 degrees of freedom
 
 
+def test_first_rule_keeps_the_candidates_and_answers_the_first():
+  hidden = demo_task.CandidateTask(k=8, num_problems=200, seed=3)
+  first = demo_task.CandidateTask(k=8, num_problems=200, seed=3, rule="first")
+  for a, b in zip(hidden, first):
+    assert a["problem"] == b["problem"]
+    assert b["answer"] == str(demo_task.candidates_of(b["problem"])[0])
+  assert sum(a["answer"] != b["answer"] for a, b in zip(hidden, first)) > 150  # 7/8 expected
+
+
 def test_task_feeds_the_prompt_pipeline():
   pipeline = PromptPipeline(demo_task.CandidateTask(num_problems=50), batch_size=8, seed=0)
   batch = pipeline.next_batch()
@@ -52,6 +61,8 @@ def test_task_feeds_the_prompt_pipeline():
 def test_bad_task_arguments():
   with pytest.raises(ValueError, match="fewer than k"):
     demo_task.CandidateTask(k=5, value_range=(0, 4))
+  with pytest.raises(ValueError, match="unknown candidates rule 'last'"):
+    demo_task.CandidateTask(rule="last")
 
 
 def test_tokenizer_round_trips_and_is_small(tokenizer_dir):

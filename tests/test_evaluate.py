@@ -299,7 +299,24 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_hf_dir):
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
   (tmp_path / "run" / "config.json").write_text("{}")
   assert evaluate.checkpoint_kind(str(tmp_path / "run")) == "run"
+  cfg = evaluate.default_config()
+  cfg.benchmarks, cfg.candidates_rule = "candidates", "last"
+  with pytest.raises(evaluate.EvalError, match="Unknown candidates_rule 'last'"):
+    evaluate.run_cli(cfg, str(tmp_path / "run"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def test_demo_benchmark_asks_the_question_the_run_trained_on(tmp_path):
+  """Eval of a demo run reads its task (k, rule) from the run's config.json."""
+  assert evaluate.run_candidates_task(str(tmp_path)) == (0, "")  # no config.json
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"data": {"candidates_k": 8, "candidates_rule": "first"}}))
+  assert evaluate.run_candidates_task(str(tmp_path)) == (8, "first")
+  cfg = evaluate.default_config()
+  cfg.candidates_k, cfg.candidates_rule, cfg.limit = 8, "first", 20
+  rows = evaluate.load_problems(evaluate.DEMO_BENCHMARK, cfg)
+  assert len(rows) == 20
+  assert all(r["answer"] == r["problem"].split(": ")[1].split(",")[0] for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [
