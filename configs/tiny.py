@@ -13,7 +13,9 @@ included), so it cannot leak the answer or the non-repetition RL must learn.
     python -m mars.train                                  # this config
     python -m mars.train --config.episode.min_attempts=1 --config.episode.max_attempts=1
                                                           # single-turn baseline
-    python -m mars.train --config.lte.enabled=True --config.episode.kind=single_turn
+    python -m mars.train --config.lte.enabled=True --config.episode.kind=single_turn \
+        --config.actor_optim.lr=1e-3 [--config.data.candidates_rule=first --config.data.candidates_k=8]
+                                                          # LTE (single-turn GRPO at 2e-3 collapses)
 
 Choices that differ from mars.config's defaults, and why (measured on 2 CPU
 cores; the README's demo section has the figures):
