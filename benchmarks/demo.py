@@ -85,7 +85,7 @@ def main(argv=None):
   root = args.workdir or tempfile.mkdtemp(prefix="mars_demo_")
   extra = args.extra.split()
   result = json.load(open(args.out)) if args.out and os.path.exists(args.out) else {}
-  result.update(device="cpu", cores=os.cpu_count())
+  result.update(device="cpu", cores=os.cpu_count(), extra=args.extra)
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs", "tiny.py"))
   tiny = importlib.util.module_from_spec(spec)
