@@ -170,7 +170,9 @@ def run_candidates_task(workdir: str) -> tuple:
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       data = json.load(f)["data"]
-  except (OSError, KeyError, ValueError):
+  except (OSError, KeyError, TypeError, ValueError):
+    return 0, ""
+  if not isinstance(data, dict):
     return 0, ""
   try:
     k = int(data.get("candidates_k", 0))
