@@ -27,18 +27,16 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3"]
+_FIRST_RULE = ["--config.data.candidates_rule=first", "--config.data.candidates_k=8"]
 VARIANTS = {
     "ma": [],
     "st": ["--config.episode.min_attempts=1", "--config.episode.max_attempts=1"],
-}
-_SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3"]
-_FIRST_RULE = ["--config.data.candidates_rule=first", "--config.data.candidates_k=8"]
-VARIANTS.update({
     "grpo": _SINGLE_TURN,
     "lte": _SINGLE_TURN + ["--config.lte.enabled=True"],
     "grpo-first": _SINGLE_TURN + _FIRST_RULE,
     "lte-first": _SINGLE_TURN + _FIRST_RULE + ["--config.lte.enabled=True"],
-})
+}
 
 
 def train(name, workdir, extra):

@@ -85,8 +85,9 @@ class CandidateTask:
     rng = np.random.default_rng((self.seed, index))
     lo, hi = self.value_range
     candidates = [int(c) for c in rng.choice(hi - lo, size=self.k, replace=False) + lo]
-    hidden = candidates[int(rng.integers(self.k))]
-    return candidates, candidates[0] if self.rule == "first" else hidden
+    if self.rule == "first":
+      return candidates, candidates[0]
+    return candidates, candidates[int(rng.integers(self.k))]
 
   def __repr__(self) -> str:
     return (f"CandidateTask(k={self.k}, num_problems={self.num_problems}, seed={self.seed}, "

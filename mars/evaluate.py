@@ -170,15 +170,9 @@ def run_candidates_task(workdir: str) -> tuple:
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       data = json.load(f)["data"]
-  except (OSError, KeyError, TypeError, ValueError):
+    return int(data.get("candidates_k", 0)), str(data.get("candidates_rule", ""))
+  except (OSError, KeyError, TypeError, ValueError, AttributeError):  # not a readable run config
     return 0, ""
-  if not isinstance(data, dict):
-    return 0, ""
-  try:
-    k = int(data.get("candidates_k", 0))
-  except (TypeError, ValueError):
-    k = 0
-  return k, str(data.get("candidates_rule", ""))
 
 
 def make_mesh(shape):
