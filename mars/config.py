@@ -94,6 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sft.steps = 0                 # supervised format warm start (demo)
   c.sft.batch_size = 32
   c.sft.lr = 3e-3
+  c.sft.hint_fraction = 0.0       # share of LTE-hinted prompts (demo_task.format_examples)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
@@ -148,6 +149,8 @@ def validate(c, num_devices: int = None) -> None:
     if c.data.candidates_rule not in RULES:
       raise ConfigError(f"Unknown data.candidates_rule {c.data.candidates_rule!r}; choose one of "
                         f"{RULES}.")
+  if not 0.0 <= c.sft.get("hint_fraction", 0.0) <= 1.0:
+    raise ConfigError(f"sft.hint_fraction={c.sft.hint_fraction} must be in [0, 1].")
   if c.algorithm == "ppo" and c.rl.adv_estimator != "gae":
     raise ConfigError("algorithm 'ppo' needs rl.adv_estimator='gae' (it trains a critic).")
   if c.algorithm != "ppo" and c.rl.adv_estimator == "gae":

@@ -31,12 +31,14 @@ SOURCE = "candidates"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2.
 # One token per boxed single-digit answer, "{7}", distinct from the listed "7".
 BOXED_DIGIT_TOKENS = tuple("{%d}" % d for d in range(10))
+# Likewise one token per single-digit answer in an LTE hint ("... incorrect: $3$, $7$.").
+HINT_DIGIT_TOKENS = tuple("$%d$" % d for d in range(10))
 # "hidden": the answer is uniform among the candidates, unknowable from the
 # prompt (the multi-attempt demo). "first": always the first listed, a rule RL
 # can learn from the reward alone (the LTE demo: failed groups it can rescue).
 RULES = ("hidden", "first")
 _BUILD_INFO = "mars_demo_tokenizer.json"
-_TOKENIZER_VERSION = 2  # 2: BOXED_DIGIT_TOKENS added
+_TOKENIZER_VERSION = 3  # 2: BOXED_DIGIT_TOKENS added; 3: LTE hint templates in the corpus
 INIT_STD = 0.05
 
 
@@ -122,8 +124,12 @@ def tokenizer_corpus(seed: int = 0, num_problems: int = 600) -> list:
     n = int(rng.integers(1, 6))
     first, second = (answer_text(c) for c in rng.choice(candidates, 2))
     closed = bool(rng.integers(2))
+    wrong = [str(c) for c in candidates if str(c) != row["answer"]]
     texts += [
         prompts.single_turn_prompt(row["problem"]) + first + prompts.IM_END,
+        # LTE's hinted prompts, so their notes are a few tokens, not ~150 bytes.
+        _lte().hinted_prompt(row["problem"], int(rng.choice(_lte().ALL_FAIL_CLASSES)),
+                             wrong[:int(rng.integers(1, 3))]) + second + prompts.IM_END,
         prompts.multi_attempt_prompt(row["problem"], n)
         + (first.removesuffix(".") if closed else first + prompts.IM_END)
         + prompts.feedback_turn(max(n - 1, 1), close_assistant=closed)
@@ -136,7 +142,7 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
   """Trains (or reuses) the demo's byte-level BPE tokenizer; returns `out_dir`.
 
   `vocab_size` caps the BPE merges (the corpus runs out near 413 tokens);
-  BOXED_DIGIT_TOKENS add 10 more. Byte-level, so any text round-trips
+  BOXED_DIGIT_TOKENS and HINT_DIGIT_TOKENS add 20 more. Byte-level, so any text round-trips
   exactly. Digits are split one by one, as in Qwen's own tokenizer, except
   a boxed single digit: "\\boxed{7}" ends in the one token "{7}". The
   verifier sees the same text either way; the token is for the tiny model.
@@ -145,7 +151,8 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
   "7" it must first tell a boxed "7" from a listed "7" by its neighbour, a
   two-layer composition. Measured with supervised labels (2 layers, 400
   steps): the rejected candidate's share fell to ~8% with "{d}" tokens and
-  only to ~35% without. The corpus is the demo's templates only, so their
+  only to ~35% without. "$d$" in an LTE hint is the same idea: "don't box a
+  listed wrong answer" is attend-to-"$d$", lower "{d}". The corpus is the demo's templates only, so their
   words become single tokens and prompts stay short. Loads with
   mars.tokenizer.load_tokenizer.
   """
@@ -194,7 +201,8 @@ def _train_tokenizer(vocab_size: int, seed: int):
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
   # Added (not special) tokens: matched before pre-tokenization, kept on decode.
-  tok.add_tokens([AddedToken(t, normalized=False) for t in BOXED_DIGIT_TOKENS])
+  tok.add_tokens([AddedToken(t, normalized=False)
+                  for t in BOXED_DIGIT_TOKENS + HINT_DIGIT_TOKENS])
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, eos_token=prompts.IM_END, pad_token="<|endoftext|>",
       additional_special_tokens=["<|im_start|>"], clean_up_tokenization_spaces=False,
@@ -232,7 +240,8 @@ def init_demo_params(cfg: ModelConfig, key):
 
 
 def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
-                    single_turn_fraction: float = 0.2, feedback_fraction: float = 0.3) -> list:
+                    single_turn_fraction: float = 0.2, feedback_fraction: float = 0.3,
+                    hint_fraction: float = 0.0) -> list:
   """`n` (prompt, response) pairs for a FORMAT-ONLY supervised warm start.
 
   The response is `answer_text(c) + <|im_end|>` with c uniform over the
@@ -247,12 +256,25 @@ def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
   candidates, the rejected ones included: the warm start shows the turn
   layout at every depth an episode reaches but does not teach avoiding a
   rejected candidate. Learning that is left to RL.
+
+  A `hint_fraction` of the prompts are LTE's hinted single-turn prompts
+  (mars.episodes.lte: hint, concise + hint, concise): the hint lists 1 to k-1
+  wrong candidates and the response is uniform over the candidates it does
+  not list. That is instruction following, which an LLM brings from
+  pretraining and the tiny model does not: without it LTE's hinted rollouts
+  succeed below chance (measured ~6% at k=8) and there is nothing to rescue.
+  It still never tells the right candidate from the unlisted wrong ones, so
+  the unhinted policy is taught nothing about the answer. Off (0) by default:
+  the multi-attempt demo must not learn avoidance from the warm start.
   """
   rng = np.random.default_rng(rng)
   examples = []
   for _ in range(n):
     row = task[int(rng.integers(len(task)))]
     candidates = candidates_of(row["problem"])
+    if hint_fraction and rng.random() < hint_fraction:
+      examples.append(_hinted_example(row, candidates, rng))
+      continue
     response = answer_text(rng.choice(candidates)) + prompts.IM_END
     if rng.random() < single_turn_fraction:
       examples.append((prompts.single_turn_prompt(row["problem"]), response))
@@ -270,3 +292,19 @@ def format_examples(task: CandidateTask, n: int, rng, *, max_attempts: int = 5,
         prompt += prompts.feedback_turn(attempts - 1 - i, close_assistant=closed)
     examples.append((prompt, response))
   return examples
+
+
+def _hinted_example(row, candidates, rng) -> tuple:
+  code = int(rng.choice(_lte().ALL_FAIL_CLASSES))
+  listed = []
+  if code != _lte().OVERLONG_ALL:  # "be concise" alone lists nothing to exclude
+    wrong = [c for c in candidates if str(c) != row["answer"]]
+    listed = [int(c) for c in rng.permutation(wrong)[:int(rng.integers(1, len(wrong) + 1))]]
+  unlisted = [c for c in candidates if c not in listed]
+  prompt = _lte().hinted_prompt(row["problem"], code, [str(c) for c in listed])
+  return prompt, answer_text(rng.choice(unlisted)) + prompts.IM_END
+
+
+def _lte():
+  from mars.episodes import lte  # lazily: it pulls in jax, which the tokenizer build needn't
+  return lte

@@ -58,6 +58,7 @@ def test_tiny_config_validates():
 @pytest.mark.parametrize("override,message", [
     (dict(algorithm="reinforce"), "Unknown algorithm 'reinforce'"),
     (dict(data=dict(candidates_rule="last")), "Unknown data.candidates_rule 'last'"),
+    (dict(sft=dict(hint_fraction=1.5)), r"sft.hint_fraction=1.5 must be in \[0, 1\]"),
     (dict(episode=dict(min_attempts=3, max_attempts=2)), "max_attempts=2 < episode.min_attempts=3"),
     (dict(rl=dict(minibatch_size=12)), "not divisible by rl.minibatch_size=12"),
     (dict(rollout=dict(group_size=1)), "needs rollout.group_size >= 2"),

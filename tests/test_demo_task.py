@@ -8,6 +8,7 @@ import pytest
 
 from mars import demo_task, prompts
 from mars.data import PromptPipeline
+from mars.episodes import lte
 from mars.rewards.extract import extract_boxed
 from mars.tokenizer import load_tokenizer
 
@@ -141,3 +142,27 @@ def test_format_examples_do_not_leak_the_answer():
   assert feedback > 300 and depths == {1, 2, 3, 4}  # every depth an episode reaches
   assert abs(rejected_again / feedback - 1 / 3) < 4 * np.sqrt(2 / 9 / feedback)
   assert examples == demo_task.format_examples(_FirstIsRight(), 3000, 0)
+
+
+def test_hinted_examples_avoid_listed_answers_and_do_not_leak_the_answer():
+  task = demo_task.CandidateTask(k=8, rule="first", num_problems=1000)
+  examples = demo_task.format_examples(task, 3000, 1, single_turn_fraction=1.0, hint_fraction=1.0)
+  right, expected, templates = 0, 0.0, set()
+  for prompt, response in examples:
+    problem = prompt.split("<|im_start|>user\n")[1].split("\n\n")[0]
+    candidates = demo_task.candidates_of(problem)
+    chosen = int(extract_boxed(response))
+    listed = [int(a) for a in re.findall(r"\$(\d+)\$", prompt)]
+    # Exactly the prompt LTE builds for that group class and hint set.
+    codes = (lte.PASS_NONE, lte.OVERLONG_SOME) if listed else (lte.OVERLONG_ALL,)
+    assert prompt in {lte.hinted_prompt(problem, c, [str(a) for a in listed]) for c in codes}
+    templates.add(("Hint" in prompt, "concisely" in prompt))
+    assert len(set(listed)) == len(listed) and chosen in candidates and chosen not in listed
+    assert set(listed) <= set(candidates[1:])  # a hint lists wrong answers only
+    right += chosen == candidates[0]
+    expected += 1 / (len(candidates) - len(listed))  # uniform over the unlisted ones
+  assert templates == {(True, False), (True, True), (False, True)}
+  # No leak: the right one is picked only as often as any unlisted candidate.
+  assert abs(right - expected) < 4 * np.sqrt(expected)
+  plain = demo_task.format_examples(task, 500, 1)
+  assert not any("Hint" in p or "Note:" in p for p, _ in plain)  # off by default
