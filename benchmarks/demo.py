@@ -28,7 +28,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3"]
-_FIRST_RULE = ["--config.data.candidates_rule=first", "--config.data.candidates_k=8"]
+# The learnable rule, with a warm start that also teaches reading LTE's hints
+# (an LLM brings that from pretraining; without it the tiny model's hinted
+# rollouts succeeded below chance and LTE had nothing to rescue, measured).
+_FIRST_RULE = ["--config.data.candidates_rule=first", "--config.data.candidates_k=8",
+               "--config.sft.hint_fraction=0.75", "--config.sft.steps=1000"]
 VARIANTS = {
     "ma": [],
     "st": ["--config.episode.min_attempts=1", "--config.episode.max_attempts=1"],

@@ -14,8 +14,10 @@ included), so it cannot leak the answer or the non-repetition RL must learn.
     python -m mars.train --config.episode.min_attempts=1 --config.episode.max_attempts=1
                                                           # single-turn baseline
     python -m mars.train --config.lte.enabled=True --config.episode.kind=single_turn \
-        --config.actor_optim.lr=1e-3 [--config.data.candidates_rule=first --config.data.candidates_k=8]
-                                                          # LTE (single-turn GRPO at 2e-3 collapses)
+        --config.actor_optim.lr=1e-3 --config.data.candidates_rule=first \
+        --config.data.candidates_k=8 --config.sft.hint_fraction=0.75 --config.sft.steps=1000
+                                                          # LTE on the learnable rule; the warm
+                                                          # start also teaches reading hints
 
 Choices that differ from mars.config's defaults, and why (measured on 2 CPU
 cores; the README's demo section has the figures):
