@@ -3,10 +3,12 @@
 Trains configs/tiny.py through the real CLI in these variants and evaluates them:
   ma          multi-attempt episodes (the default demo)
   st          the same demo trained single-turn (--config.episode.max_attempts=1)
-  grpo        single-turn GRPO                       } all-fail fraction at the
-  lte         single-turn GRPO + LTE hinted rollouts  } same budget (the LTE
-  grpo-first  the same two on the learnable rule     } paper's key curve), per
-  lte-first   (answer = first of k=8 candidates)     } seed (--seeds)
+  grpo-first  single-turn GRPO                       } on the learnable rule (answer
+  lte-first   single-turn GRPO + LTE hinted rollouts  } = first of k=8 candidates):
+                                                      } all-fail fraction at the same
+                                                      } budget, per seed (--seeds)
+  grpo, lte   the same two on the hidden-answer task, where nothing is learnable
+              (a control; format-only warm start, no hint reading)
 The single-turn GRPO/LTE runs use lr 1e-3: at the demo's 2e-3 single-turn
 GRPO collapsed to "no answer" within 60 steps (measured), which says nothing
 about LTE.
@@ -16,7 +18,7 @@ the 1/k of a greedy policy that ignores the feedback (it repeats its answer).
 Prints a table and writes JSON.
 
     python benchmarks/demo.py --out benchmarks/results/demo_cpu.json \
-        [--parts ma,st,grpo,lte,grpo-first,lte-first] [--seeds 0,1]
+        [--parts ma,st,grpo-first,lte-first,grpo,lte] [--seeds 0,1]
 """
 import argparse
 import json
@@ -78,7 +80,7 @@ def evaluate(workdir, out, limit, max_attempts):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", default=None)
-  p.add_argument("--parts", default="ma,st,grpo,lte")
+  p.add_argument("--parts", default="ma,st,grpo-first,lte-first")
   p.add_argument("--limit", type=int, default=300)
   p.add_argument("--seeds", default="0", help="seeds for the GRPO/LTE variants, e.g. 0,1,2")
   p.add_argument("--workdir", default=None)
