@@ -142,8 +142,8 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
   """Trains (or reuses) the demo's byte-level BPE tokenizer; returns `out_dir`.
 
   `vocab_size` caps the BPE merges (the corpus runs out near 413 tokens);
-  BOXED_DIGIT_TOKENS and HINT_DIGIT_TOKENS add 20 more. Byte-level, so any text round-trips
-  exactly. Digits are split one by one, as in Qwen's own tokenizer, except
+  BOXED_DIGIT_TOKENS and HINT_DIGIT_TOKENS add 20 more. Byte-level, so any
+  text round-trips exactly. Digits are split one by one, as in Qwen's own tokenizer, except
   a boxed single digit: "\\boxed{7}" ends in the one token "{7}". The
   verifier sees the same text either way; the token is for the tiny model.
   "Don't box a candidate I already boxed" is then a one-layer circuit
@@ -152,8 +152,9 @@ def build_tokenizer(out_dir: str, *, vocab_size: int = 512, seed: int = 0) -> st
   two-layer composition. Measured with supervised labels (2 layers, 400
   steps): the rejected candidate's share fell to ~8% with "{d}" tokens and
   only to ~35% without. "$d$" in an LTE hint is the same idea: "don't box a
-  listed wrong answer" is attend-to-"$d$", lower "{d}". The corpus is the demo's templates only, so their
-  words become single tokens and prompts stay short. Loads with
+  listed wrong answer" is attend-to-"$d$", lower "{d}". The corpus is the
+  demo's templates only (LTE's hinted ones included), so their words become
+  single tokens and prompts stay short. Loads with
   mars.tokenizer.load_tokenizer.
   """
   info = {"vocab_size": vocab_size, "seed": seed, "special_tokens": list(SPECIAL_TOKENS),

@@ -129,11 +129,10 @@ def warm_start(config, model_cfg, params, tokenizer, mesh):
   from mars import demo_task, sft
   task = make_source(config)
   # A single-turn run never sees a feedback turn: its warm start is all single-turn.
-  single_turn = 1.0 if config.episode.kind == "single_turn" else 0.2
+  mix = {"single_turn_fraction": 1.0} if config.episode.kind == "single_turn" else {}
   examples = demo_task.format_examples(task, config.sft.steps * config.sft.batch_size,
                                        np.random.default_rng(config.seed),
-                                       single_turn_fraction=single_turn,
-                                       hint_fraction=config.sft.hint_fraction)
+                                       hint_fraction=config.sft.hint_fraction, **mix)
   params, history = sft.sft_train(model_cfg, params, tokenizer, examples, steps=config.sft.steps,
                                   batch_size=config.sft.batch_size, lr=config.sft.lr,
                                   seed=config.seed, mesh=mesh)
