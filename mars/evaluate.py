@@ -66,11 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.temperature = 0.6
   c.top_p = 0.95
   c.top_k = 0
-  c.max_new_tokens = 4096         # passk: response budget
+  c.max_new_tokens = 0            # passk: response budget; 0 = the run's (else 4096)
   c.max_attempts = 7              # attempts: K, the curve is Acc@1..K
   c.greedy = True                 # attempts: greedy decoding (one episode per problem)
-  c.budget = 3000                 # attempts: generated tokens shared by an episode's attempts
-  c.chunk_tokens = 64             # attempts: tokens between host checks for an attempt's end
+  c.budget = 0                    # attempts: tokens shared by an episode's attempts; 0 = the run's (else 3000)
+  c.chunk_tokens = 0              # attempts: tokens between host checks for an attempt's end; 0 = the run's (else 64)
   c.attempt_end = "boxed"         # attempts: boxed | eos (see mars.episodes.multi_attempt)
   c.limit = 0                     # problems per benchmark (seeded subsample); 0 = all
   c.seed = 0
@@ -164,15 +164,40 @@ def checkpoint_kind(path: str) -> str:
                   f"HF model directory (no config.json + *.safetensors).")
 
 
-def run_candidates_task(workdir: str) -> tuple:
-  """The demo task's (k, rule) a run trained on (its config.json), so eval asks the same question."""
+# Fields whose 0/"" means "what the evaluated run trained with": a demo run's
+# 6-token attempts evaluated with a 3,000-token budget and 64-token chunks ran
+# ~10x slower for nothing (measured). Fallbacks apply to HF checkpoints.
+RUN_DEFAULTS = {  # eval field: (path in the run's config.json, fallback)
+    "candidates_k": (("data", "candidates_k"), 3),
+    "candidates_rule": (("data", "candidates_rule"), "hidden"),
+    "max_new_tokens": (("rollout", "max_new_tokens"), 4096),
+    "budget": (("episode", "budget"), 3000),
+    "chunk_tokens": (("episode", "chunk_tokens"), 64),
+}
+
+
+def run_settings(workdir: str) -> dict:
+  """RUN_DEFAULTS' fields as a run trained them (its config.json); {} if unreadable."""
   import json
   try:
     with open(os.path.join(workdir, "config.json")) as f:
-      data = json.load(f)["data"]
-    return int(data.get("candidates_k", 0)), str(data.get("candidates_rule", ""))
-  except (OSError, KeyError, TypeError, ValueError, AttributeError):  # not a readable run config
-    return 0, ""
+      run = json.load(f)
+  except (OSError, ValueError):  # not a run, or not a readable config
+    return {}
+  out = {}
+  for field, ((section, key), _) in RUN_DEFAULTS.items():
+    value = run.get(section, {}).get(key) if isinstance(run.get(section), dict) else None
+    if value:
+      out[field] = value
+  return out
+
+
+def fill_run_defaults(cfg, checkpoint: str) -> None:
+  """Unset (0/"") RUN_DEFAULTS fields <- the run's values (a run workdir), else the fallback."""
+  run = run_settings(checkpoint) if checkpoint_kind(checkpoint) == "run" else {}
+  for field, (_, fallback) in RUN_DEFAULTS.items():
+    if not cfg[field]:
+      cfg[field] = type(fallback)(run.get(field, fallback))
 
 
 def make_mesh(shape):
@@ -396,10 +421,7 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
   names = validate(cfg)
   if not out_dir:
     raise EvalError("--out is required.")
-  if checkpoint_kind(checkpoint) == "run":
-    run_k, run_rule = run_candidates_task(checkpoint)
-    cfg.candidates_k = cfg.candidates_k or run_k
-    cfg.candidates_rule = cfg.candidates_rule or run_rule
+  fill_run_defaults(cfg, checkpoint)
   for d in compare:  # fail now, not after hours of sampling
     eval_report.read_json(d)
   import jax

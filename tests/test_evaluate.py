@@ -307,11 +307,23 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_hf_dir):
 
 
 def test_demo_benchmark_asks_the_question_the_run_trained_on(tmp_path):
-  """Eval of a demo run reads its task (k, rule) from the run's config.json."""
-  assert evaluate.run_candidates_task(str(tmp_path)) == (0, "")  # no config.json
+  """Eval of a run reads its task (k, rule) and episode shape from the run's config.json;
+  explicit settings win, and anything else (an HF checkpoint) gets the math fallbacks."""
+  assert evaluate.run_settings(str(tmp_path)) == {}  # no config.json
   (tmp_path / "config.json").write_text(json.dumps(
-      {"data": {"candidates_k": 8, "candidates_rule": "first"}}))
-  assert evaluate.run_candidates_task(str(tmp_path)) == (8, "first")
+      {"data": {"candidates_k": 8, "candidates_rule": "first"},
+       "episode": {"budget": 30, "chunk_tokens": 6}, "rollout": {"max_new_tokens": 16}}))
+  (tmp_path / "checkpoints").mkdir()
+  cfg = evaluate.default_config()
+  cfg.chunk_tokens = 12  # set by the user: kept
+  evaluate.fill_run_defaults(cfg, str(tmp_path))
+  assert (cfg.candidates_k, cfg.candidates_rule, cfg.budget, cfg.chunk_tokens,
+          cfg.max_new_tokens) == (8, "first", 30, 12, 16)
+  (tmp_path / "config.json").write_text("{not json")
+  cfg = evaluate.default_config()
+  evaluate.fill_run_defaults(cfg, str(tmp_path))
+  assert (cfg.candidates_k, cfg.candidates_rule, cfg.budget, cfg.chunk_tokens,
+          cfg.max_new_tokens) == (3, "hidden", 3000, 64, 4096)
   cfg = evaluate.default_config()
   cfg.candidates_k, cfg.candidates_rule, cfg.limit = 8, "first", 20
   rows = evaluate.load_problems(evaluate.DEMO_BENCHMARK, cfg)
