@@ -7,7 +7,7 @@ import ml_collections
 
 ALGORITHMS = ("ppo", "grpo", "dapo")
 EPISODE_KINDS = ("single_turn", "multi_attempt")
-ADV_ESTIMATORS = ("gae", "grpo", "rloo", "drgrpo")
+ADV_ESTIMATORS = ("gae", "grpo", "rloo", "drgrpo", "attempt_rloo")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lte.hinted_min_prompts = 1         # hinted batch padded to >= this (and the mesh's data size)
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.adv_estimator = "grpo"     # gae | grpo | rloo | drgrpo
+  c.rl.adv_estimator = "grpo"     # gae | grpo | rloo | drgrpo | attempt_rloo (RLOO per attempt)
   c.rl.gamma = 1.0
   c.rl.lam = 1.0
   c.rl.whiten = False

@@ -13,13 +13,30 @@ IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
 
 
-def bucket_length(n: int, minimum: int = 16, multiple: Optional[int] = None) -> int:
-  """Smallest power of two ≥ n (≥ minimum); or round up to `multiple` if given."""
+# Finer than powers of two for the lengths that set compiled shapes (packed
+# rows, multi-attempt prompts and KV caches): the update and logprob passes
+# and each decode step cost more than linearly in the length (attention). On
+# the demo, a logprob pass took 0.69 s at the power-of-two 256 and 0.32 s at
+# 160, and a 6-token decode chunk 104 ms with a 256-slot cache and 72 ms with
+# 192 (2 CPU cores, measured). Four lengths per octave waste at most 25% on
+# padding, for at most 4x the compiled shapes of powers of two.
+LENGTH_BUCKETS_PER_OCTAVE = 4
+
+
+def bucket_length(n: int, minimum: int = 16, multiple: Optional[int] = None,
+                  per_octave: int = 1) -> int:
+  """Smallest bucket ≥ n (≥ minimum): a power of two, or with per_octave=s one of
+  s evenly spaced lengths per octave (s=4: 128, 160, 192, 224, 256, ...); or
+  n rounded up to `multiple` if given."""
   if multiple:
     return max(minimum, -(-n // multiple) * multiple)
   b = minimum
   while b < n:
     b *= 2
+  if per_octave > 1 and b > minimum:
+    low = b // 2
+    step = max(1, low // per_octave)
+    b = low + -(-(n - low) // step) * step
   return b
 
 

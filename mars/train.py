@@ -349,11 +349,12 @@ def to_device_batch(run: Run, result):
   """
   host = result.batch
   if distributed.is_multiprocess():
-    prompt_len = packing.prompt_columns(host)
-    P, T = distributed.agree_max(prompt_len, host.tokens.shape[1] - prompt_len)
+    P, R = distributed.agree_max(max(len(r.prompt) for r in result.rows),
+                                 max(len(r.response) for r in result.rows))
     offset = _local_prompts(run, len(result.rows) // run.config.rollout.group_size).start
     rows = [dataclasses.replace(r, group_id=r.group_id + offset) for r in result.rows]
-    host = packing.pack(rows, run.tokenizer.pad_id, prompt_len=P, total_len=P + T)
+    host = packing.pack(rows, run.tokenizer.pad_id, prompt_len=P,
+                        total_len=packing.total_length(P, R))
   shardings = step_lib.batch_shardings(run.mesh)
   return jax.tree.map(distributed.global_array_from_local, host, shardings)
 
@@ -391,6 +392,12 @@ def _advantages_fn(rl_cfg: dict, num_groups: int):
                                              rl_cfg["kl_coef"] if kl is not None else 0.0)
       adv, ret = advantages.gae(rewards_tok, batch.values, batch.loss_mask,
                                 batch.transparent_mask, rl_cfg["gamma"], rl_cfg["lam"])
+    elif est == "attempt_rloo":
+      adv = advantages.attempt_rloo_advantages(
+          batch.reward, batch.group_id,
+          advantages.attempt_index(batch.loss_mask, batch.transparent_mask),
+          num_groups, rl_cfg["max_attempts"])
+      ret = jnp.zeros_like(adv)
     else:
       seq = advantages.grpo_advantages(
           batch.reward, batch.group_id, num_groups,
@@ -554,7 +561,8 @@ def train(config, workdir: str, grade_fn: Optional[Callable] = None,
           max_steps: Optional[int] = None) -> dict:
   """Runs (or resumes) training; returns the last step's metrics."""
   run = setup(config, workdir, grade_fn)
-  adv_fn = _advantages_fn(config.rl.to_dict(), config.data.prompts_per_step)
+  adv_fn = _advantages_fn(dict(config.rl.to_dict(), max_attempts=config.episode.max_attempts),
+                          config.data.prompts_per_step)
   last = {}
   try:
     end = config.train.steps if max_steps is None else min(config.train.steps,

@@ -235,6 +235,94 @@ def test_group_advantages_row_mask_excludes_padding_rows():
   assert got[2] == 0.0 and got[0] > 0
 
 
+def np_attempt_rloo(reward, group_id, rows, scale):
+  """Plain loop: rows[i] = list of (kind, length) spans, kind in {"p", "m", "f"} (prompt,
+  model, feedback). Baseline per (group, attempt): mean reward of the group's *other*
+  episodes that reached the attempt, else of all its other episodes."""
+  B = len(reward)
+  attempts = []
+  for spans in rows:
+    idx, j = [], 1
+    for kind, n in spans:
+      if kind == "f":
+        j += 1
+      idx += [j if kind == "m" else 0] * n
+    attempts.append(idx)
+  out = np.zeros((B, len(attempts[0])), np.float32)
+  for i in range(B):
+    group = [m for m in range(B) if group_id[m] == group_id[i]]
+    if len(group) == 1:
+      continue
+    rs = [reward[m] for m in group]
+    std = (sum((x - np.mean(rs)) ** 2 for x in rs) / (len(rs) - 1)) ** 0.5
+    for t, j in enumerate(attempts[i]):
+      if j == 0:
+        continue
+      peers = [m for m in group if m != i and max(attempts[m]) >= j]
+      peers = peers or [m for m in group if m != i]
+      a = reward[i] - np.mean([reward[m] for m in peers])
+      out[i, t] = a / (std + 1e-6) if scale == "std" else a
+  return np.asarray(attempts), out
+
+
+def _spans_to_masks(rows, T):
+  loss = np.zeros((len(rows), T), bool)
+  transparent = np.zeros((len(rows), T), bool)
+  for b, spans in enumerate(rows):
+    t = 0
+    for kind, n in spans:
+      loss[b, t:t + n] = kind == "m"
+      transparent[b, t:t + n] = kind == "f"
+      t += n
+  return loss, transparent
+
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+def test_attempt_rloo_matches_numpy_loop(scale):
+  rng = np.random.default_rng(0)
+  B, num_groups, A, T = 14, 4, 4, 40
+  group_id = rng.integers(0, num_groups - 1, B).astype(np.int32)
+  group_id[0] = num_groups - 1  # a group of one: no baseline, advantage 0
+  rows, reward = [], []
+  for b in range(B):
+    used = int(rng.integers(1, A + 1))
+    spans = [("p", int(rng.integers(1, 4)))]
+    for j in range(used):
+      spans += [("f", int(rng.integers(1, 3)))] if j else []
+      spans += [("m", int(rng.integers(1, 4)))]
+    spans += [("p", T - sum(n for _, n in spans))]  # padding
+    rows.append(spans)
+    reward.append(1.0 if rng.random() < 0.5 else (-0.5 if used > 1 else -1.0))
+  reward = np.asarray(reward, np.float32)
+  loss, transparent = _spans_to_masks(rows, T)
+  want_idx, want = np_attempt_rloo(reward, group_id, rows, scale)
+  idx = adv_lib.attempt_index(loss, transparent)
+  np.testing.assert_array_equal(idx, want_idx)
+  got = jax.jit(functools.partial(adv_lib.attempt_rloo_advantages, num_groups=num_groups,
+                                  max_attempts=A, scale=scale))(reward, group_id, idx)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(got)[0] == 0.0) and np.abs(got).max() > 0.1
+
+
+def test_attempt_rloo_hand_worked_second_attempt_credit():
+  """Group of 4, N = 2: e0 right at attempt 1; e1 right at attempt 2; e2, e3 wrong twice.
+  Plain RLOO gives every e2 token -0.5 - 0.5 = -1. Per attempt, second answers are compared
+  only with the episodes that also reached attempt 2 (e1, e2, e3): e1's gets +1.5, e2's -0.75."""
+  reward = np.array([1.0, 1.0, -0.5, -0.5], np.float32)
+  gid = np.zeros(4, np.int32)
+  rows = [[("m", 2), ("p", 4)]] + [[("m", 2), ("f", 2), ("m", 2)]] * 3
+  loss, transparent = _spans_to_masks(rows, 6)
+  adv = np.asarray(adv_lib.attempt_rloo_advantages(
+      reward, gid, adv_lib.attempt_index(loss, transparent), 1, 2, scale="none"))
+  np.testing.assert_allclose(adv[1, :2], 1.0 - 0.0)       # attempt 1: RLOO over all others
+  np.testing.assert_allclose(adv[1, 4:], 1.0 - (-0.5))    # attempt 2: others that reached it
+  np.testing.assert_allclose(adv[2, 4:], -0.5 - 0.25)     # (1 - 0.5) / 2
+  np.testing.assert_allclose(adv[0, :2], 1.0 - 0.0)       # (1 - 0.5 - 0.5) / 3
+  assert np.all(adv[:, 2:4][transparent[:, 2:4]] == 0)    # feedback tokens: no advantage
+  rloo = np.asarray(adv_lib.grpo_advantages(reward, gid, 1, scale="none", estimator="rloo"))
+  np.testing.assert_allclose(adv[:, 0], rloo)             # attempt 1 alone is RLOO
+
+
 def test_broadcast_to_tokens():
   mask = np.array([[0, 1, 1], [1, 0, 0]], bool)
   got = adv_lib.broadcast_to_tokens(np.array([2.0, -1.0]), mask)

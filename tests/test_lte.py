@@ -185,7 +185,7 @@ def test_reattach_moves_hinted_response_onto_unhinted_prompt():
   np.testing.assert_array_equal(r.behaviour_logp, hinted.behaviour_logp)
 
   batch = pack(new, PAD)
-  P = 16  # bucketed prompt length
+  P = 3  # the longest prompt: the unhinted one, not the hinted 6
   assert batch.tokens[0, P - 3:P + 3].tolist() == [11, 12, 13, 51, 52, 53]
   assert batch.attention_mask[0].sum() == 6 and batch.loss_mask[0, P:P + 3].all()
   assert batch.loss_mask[0].sum() == 3

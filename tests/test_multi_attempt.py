@@ -136,6 +136,23 @@ def test_draw_num_attempts():
     ma.draw_num_attempts(np.random.default_rng(0), 3, cfg_with(min_attempts=3, max_attempts=2))
 
 
+def test_packed_lengths_buckets_and_prompt_column():
+  """T rounds P + R up to 4 buckets per octave; P is the longest prompt, exactly."""
+  from mars.episodes import packing
+  from mars.tokenizer import bucket_length
+  assert [bucket_length(n, per_octave=4) for n in (1, 16, 17, 20, 21, 129, 156, 161, 257)] == \
+      [16, 16, 20, 20, 24, 160, 160, 192, 320]
+  assert [bucket_length(n) for n in (17, 129, 257)] == [32, 256, 512]  # powers of two
+  row = lambda p, r: packing.Row(prompt=np.arange(1, p + 1), response=np.arange(1, r + 1),
+                                 is_model=np.ones(r, bool), behaviour_logp=np.zeros(r, np.float32),
+                                 reward=1.0, group_id=0)
+  batch = packing.pack([row(66, 20), row(40, 90)], pad_id=0)
+  assert batch.tokens.shape == (2, 160) and prompt_columns(batch) == 66
+  assert batch.attention_mask.sum(1).tolist() == [86, 130]
+  np.testing.assert_array_equal(batch.tokens[1, 26:66], np.arange(1, 41))   # left-padded prompt
+  np.testing.assert_array_equal(batch.tokens[1, 66:156], np.arange(1, 91))  # response at P
+
+
 def test_metrics_success_at_k():
   eps = [rules.Episode(3, 1, "correct", 1, grades=("correct",)),
          rules.Episode(3, 1, "correct", 3, grades=("wrong", "wrong", "correct")),

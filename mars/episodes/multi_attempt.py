@@ -32,7 +32,7 @@ from mars.episodes import attempts as rules
 from mars.episodes.packing import EpisodeResult, pack, rows_from_output
 from mars.sampling import SamplingParams
 from mars.host_metrics import Metrics
-from mars.tokenizer import bucket_length, left_pad
+from mars.tokenizer import LENGTH_BUCKETS_PER_OCTAVE, bucket_length, left_pad
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -90,11 +90,12 @@ def cache_length(prompt_len: int, max_attempts: int, feedback_len: int, cfg) -> 
 
   All rows share the write column, so a row whose attempt ends mid-chunk
   idles (or has its tail rewound) until the chunk is over: at most one chunk
-  of dead columns per attempt boundary. Rounded up to 128 (few compiled shapes).
+  of dead columns per attempt boundary. Rounded up to a length bucket (few
+  compiled shapes, at most 25% unused slots).
   """
   need = (prompt_len + int(_get(cfg, "budget")) + 1
           + (max_attempts - 1) * (feedback_len + int(_get(cfg, "chunk_tokens"))))
-  return -(-need // 128) * 128
+  return bucket_length(need, 128, per_octave=LENGTH_BUCKETS_PER_OCTAVE)
 
 
 # ----------------------------------------------------------------------------
@@ -190,7 +191,8 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     texts = [first_prompt(problems[r // G]["problem"], n, single_turn)
              for r, n in enumerate(n_rows)]
   ids = tokenizer.encode_batch(texts)
-  A, prompt_len = distributed.agree_max(max(n_rows), bucket_length(max(map(len, ids)), 16))
+  A, prompt_len = distributed.agree_max(
+      max(n_rows), bucket_length(max(map(len, ids)), 16, per_octave=LENGTH_BUCKETS_PER_OCTAVE))
   tokens, mask = left_pad(ids, tokenizer.pad_id, length=prompt_len)
   feedback_len = max((len(tokenizer.encode(prompts.feedback_turn(n, True))) for n in range(1, A)),
                      default=0)

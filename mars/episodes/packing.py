@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from mars.batch import RolloutBatch
-from mars.tokenizer import bucket_length
+from mars.tokenizer import LENGTH_BUCKETS_PER_OCTAVE, bucket_length
 
 
 @dataclasses.dataclass
@@ -56,14 +56,25 @@ def rows_from_output(out, prompt_mask: Optional[np.ndarray] = None) -> List[Row]
   return rows
 
 
+def total_length(prompt_len: int, response_len: int, min_bucket: int = 16) -> int:
+  """The packed row length T for a prompt column P and longest response R."""
+  return bucket_length(prompt_len + max(response_len, 1), min_bucket,
+                       per_octave=LENGTH_BUCKETS_PER_OCTAVE)
+
+
 def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
          total_len: Optional[int] = None, min_bucket: int = 16) -> RolloutBatch:
-  """Lays rows out as a host (numpy) RolloutBatch, lengths bucketed to powers of 2."""
+  """Lays rows out as a host (numpy) RolloutBatch.
+
+  Responses start at column P (default: the longest prompt, exactly: only the
+  total length T is a compiled shape); T defaults to P + the longest
+  response, rounded up to LENGTH_BUCKETS_PER_OCTAVE buckets.
+  """
   if not rows:
     raise ValueError("pack: no rows.")
-  P = prompt_len or bucket_length(max(len(r.prompt) for r in rows), min_bucket)
+  P = prompt_len or max(len(r.prompt) for r in rows)
   R = max(len(r.response) for r in rows)
-  T = total_len or P + bucket_length(max(R, 1), min_bucket)
+  T = total_len or total_length(P, R, min_bucket)
   if max(len(r.prompt) for r in rows) > P or P + R > T:
     raise ValueError(f"pack: rows need prompt {max(len(r.prompt) for r in rows)} and total "
                      f"{P + R}, more than the requested {P} / {T}.")
