@@ -29,7 +29,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3"]
+# 60 steps: the budget the recorded GRPO/LTE comparisons used (the demo's own
+# default rose to 100 when the step got cheaper).
+_SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3",
+                "--config.train.steps=60"]
 # The learnable rule, with a warm start that also teaches reading LTE's hints
 # (an LLM brings that from pretraining; without it the tiny model's hinted
 # rollouts succeeded below chance and LTE had nothing to rescue, measured).
