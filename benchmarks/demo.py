@@ -58,9 +58,13 @@ def train(name, workdir, extra):
 
 
 def _reward_entry(rows, secs):
-  return {"wall_s": secs, "steps": rows[-1]["step"],
-          "reward_first5": mean_of(rows, "reward/mean"),
-          "reward_last5": mean_of(rows, "reward/mean", first=False)}
+  import statistics
+  entry = {"wall_s": secs, "steps": rows[-1]["step"],
+           "reward_first5": mean_of(rows, "reward/mean"),
+           "reward_last5": mean_of(rows, "reward/mean", first=False)}
+  for phase in ("step", "rollout", "logprob", "update"):  # medians: step 1 compiles
+    entry[f"median_{phase}_s"] = statistics.median(r[f"time/{phase}_s"] for r in rows)
+  return entry
 
 
 def mean_of(rows, key, first=True, n=5):
