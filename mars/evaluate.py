@@ -119,6 +119,9 @@ def validate(cfg) -> list:
       logging.warning("passk with temperature 0: all %d samples are identical.", cfg.n)
   elif cfg.max_attempts < 1:
     raise EvalError(f"max_attempts must be >= 1, got {cfg.max_attempts}.")
+  for field in ("budget", "chunk_tokens", "max_new_tokens"):
+    if cfg[field] < 0:
+      raise EvalError(f"{field} must be >= 0 (0 = the run's own), got {cfg[field]}.")
   if cfg.limit < 0 or cfg.batch_size < 1:
     raise EvalError(f"limit must be >= 0 and batch_size >= 1, got {cfg.limit}, {cfg.batch_size}.")
   from mars.demo_task import RULES

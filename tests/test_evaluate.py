@@ -333,6 +333,7 @@ def test_demo_benchmark_asks_the_question_the_run_trained_on(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.benchmarks=math5000"], "Unknown benchmark 'math5000'"),
+    (["--config.budget=-5"], "budget must be >= 0"),
     (["--config.n=2"], "Pass@16 needs k <= n"),
     ([], "is empty"),
 ])
