@@ -189,7 +189,8 @@ def run_settings(workdir: str) -> dict:
     return {}
   out = {}
   for field, ((section, key), _) in RUN_DEFAULTS.items():
-    value = run.get(section, {}).get(key) if isinstance(run.get(section), dict) else None
+    part = run.get(section)
+    value = part.get(key) if isinstance(part, dict) else None
     if value:
       out[field] = value
   return out
@@ -365,11 +366,9 @@ def trainer_eval_config(run_config) -> ml_collections.ConfigDict:
   max_attempts, limit, n, or any default_config() field)."""
   cfg = default_config()
   cfg.seed = run_config.seed
-  cfg.max_new_tokens = run_config.rollout.max_new_tokens
-  for k in ("budget", "chunk_tokens", "attempt_end"):
-    cfg[k] = run_config.episode[k]
-  cfg.candidates_k = run_config.data.candidates_k
-  cfg.candidates_rule = run_config.data.candidates_rule
+  for field, ((section, key), _) in RUN_DEFAULTS.items():
+    cfg[field] = run_config[section][key]
+  cfg.attempt_end = run_config.episode.attempt_end
   cfg.grader_workers = run_config.train.grader_workers
   cfg.grader_timeout_s = run_config.train.grader_timeout_s
   overrides = run_config.eval.to_dict()

@@ -20,10 +20,17 @@ import mars.models as mm
 from mars import prompts
 from mars.episodes import attempts as rules
 from mars.episodes import multi_attempt as ma
-from mars.episodes.packing import prompt_columns
 from mars.rewards import Grade, extract_boxed
 from mars.sampling import Sampler, SampleOutput
 from mars.tokenizer import load_tokenizer
+
+
+def prompt_columns(batch) -> int:
+  """Column where responses start in a packed batch (= its prompt length P)."""
+  resp = batch.loss_mask | batch.transparent_mask
+  first = np.argmax(resp, axis=1)
+  has = resp.any(1)
+  return int(first[has].min()) if has.any() else batch.tokens.shape[1]
 
 
 @pytest.fixture(scope="module")

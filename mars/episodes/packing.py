@@ -104,14 +104,6 @@ def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
       truncated=np.asarray([r.truncated for r in rows], bool))
 
 
-def prompt_columns(batch: RolloutBatch) -> int:
-  """Column where responses start (= the packed prompt length P)."""
-  resp = batch.loss_mask | batch.transparent_mask
-  first = np.argmax(resp, axis=1)
-  has = resp.any(1)
-  return int(first[has].min()) if has.any() else batch.tokens.shape[1]
-
-
 @dataclasses.dataclass
 class EpisodeResult:
   """What every rollout producer hands the trainer.

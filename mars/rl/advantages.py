@@ -114,6 +114,12 @@ def gae(rewards_tok, values, loss_mask, transparent_mask=None, gamma: float = 1.
 # ----------------------------------------------------------------------------
 
 
+def _group_std(centered, valid, count, group_sum, ddof: int):
+  """[B] std of each row's group from its centered rewards (`ddof` as torch.std's correction)."""
+  sq_dev = jnp.where(valid, jnp.square(centered), 0.0)
+  return jnp.sqrt(group_sum(sq_dev) / jnp.maximum(count - ddof, 1.0))
+
+
 def grpo_advantages(reward, group_id, num_groups: int, *, scale: str = "std",
                     estimator: str = "grpo", eps: float = 1e-6, ddof: int = 1,
                     row_mask=None):
@@ -148,9 +154,7 @@ def grpo_advantages(reward, group_id, num_groups: int, *, scale: str = "std",
     raise ValueError(f"unknown estimator {estimator!r}; expected 'grpo' or 'rloo'")
 
   if scale == "std":
-    sq_dev = jnp.where(valid, jnp.square(centered), 0.0)
-    std = jnp.sqrt(group_sum(sq_dev) / jnp.maximum(count - ddof, 1.0))
-    adv = adv / (std + eps)
+    adv = adv / (_group_std(centered, valid, count, group_sum, ddof) + eps)
   elif scale != "none":
     raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
   return jnp.where(valid & (count > 1), adv, 0.0)
@@ -205,8 +209,8 @@ def attempt_rloo_advantages(reward, group_id, attempt_idx, num_groups: int, max_
   per_token = jnp.take_along_axis(baseline, jnp.clip(attempt_idx - 1, 0, max_attempts - 1), -1)
   adv = reward[:, None] - per_token
   if scale == "std":
-    mean = group_sum(reward) / count
-    std = jnp.sqrt(group_sum(jnp.square(reward - mean)) / jnp.maximum(count - ddof, 1.0))
+    centered = reward - group_sum(reward) / count
+    std = _group_std(centered, jnp.ones_like(reward, bool), count, group_sum, ddof)
     adv = adv / (std[:, None] + eps)
   elif scale != "none":
     raise ValueError(f"unknown scale {scale!r}; expected 'std' or 'none'")
