@@ -5,7 +5,8 @@ One loop, several modes (config.algorithm × episode.kind × lte.enabled):
   2. rollouts: single-turn groups, LTE (hinted extra rollouts for all-fail
      groups), or multi-attempt episodes (feedback turns as forced tokens);
      grading happens inside, in the worker pool, once per chunk;
-  3. old/ref logprobs and critic values, recomputed jitted and sharded;
+  3. old/ref logprobs and critic values, recomputed jitted and sharded
+     (rl.recompute_old_logp=False takes old logprobs from the sampler);
   4. advantages: GAE with transparent feedback spans (PPO) or group-relative;
   5. PPO epochs of minibatch updates (jitted, sharded, grad accumulation);
   6. metrics (metrics.jsonl, TensorBoard, console), periodic eval;
@@ -413,22 +414,33 @@ def _advantages_fn(rl_cfg: dict, num_groups: int):
 
 
 def prepare_batch(run: Run, host_batch):
-  """Device batch with old/ref logprobs and values filled in."""
+  """Device batch with old/ref logprobs and values filled in.
+
+  Returns (batch, recomputed): `recomputed` is the trainer's logprob of the
+  rollout under the current params, or None when rl.recompute_old_logp is off
+  and the sampler's logprob serves as old_logp.
+  """
+  from mars.episodes import lte
   c = run.config
   batch = host_batch if isinstance(host_batch.tokens, jax.Array) else jax.device_put(
       host_batch, step_lib.batch_shardings(run.mesh))
   micro = c.rl.micro_batch_size or None
-  recomputed = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
-                                         micro_batch_size=micro, mesh=run.mesh)
-  # Off-policy (LTE) rows: the ratio's denominator is the behaviour logprob
-  # under the *hinted* prompt; the numerator is recomputed on the unhinted one.
-  old_logp = jnp.where(batch.is_off_policy[:, None], batch.behaviour_logp, recomputed)
+  if c.rl.recompute_old_logp:
+    recomputed = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
+                                           micro_batch_size=micro, mesh=run.mesh)
+    # Off-policy (LTE) rows keep the behaviour logprob under the hinted prompt.
+    old_logp = lte.old_logp_for_loss(batch, recomputed)
+  else:
+    # The sampler's policy logprob (temperature 1, unfiltered) of the same
+    # params: equal to a recompute up to kernel numerics.
+    recomputed, old_logp = None, batch.behaviour_logp
+  zeros = jnp.zeros_like(batch.behaviour_logp)
   ref_logp = (step_lib.compute_logprobs(run.model_cfg, run.ref_params, batch,
                                         micro_batch_size=micro, mesh=run.mesh)
-              if run.ref_params is not None else jnp.zeros_like(recomputed))
+              if run.ref_params is not None else zeros)
   values = (step_lib.compute_values(run.model_cfg, run.state.critic_params, batch,
                                     micro_batch_size=micro, mesh=run.mesh)
-            if run.state.critic_params is not None else jnp.zeros_like(recomputed))
+            if run.state.critic_params is not None else zeros)
   return batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values), recomputed
 
 
@@ -461,9 +473,10 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
             for k, v in update_metrics.items()})
   # Sampler vs trainer logprob mismatch on on-policy tokens (should be ~0),
   # reduced on device: only a scalar crosses to the host.
-  on = batch.loss_mask & ~batch.is_off_policy[:, None]
-  m["logp_mismatch/max"] = float(jnp.max(jnp.where(on, jnp.abs(recomputed - batch.behaviour_logp),
-                                                   0.0)))
+  if recomputed is not None:
+    on = batch.loss_mask & ~batch.is_off_policy[:, None]
+    m["logp_mismatch/max"] = float(jnp.max(jnp.where(
+        on, jnp.abs(recomputed - batch.behaviour_logp), 0.0)))
   m.update({
       "time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2,
       "time/step_s": t3 - t0, "compile_count/sampler": sampling.compile_count(),

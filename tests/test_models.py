@@ -116,7 +116,7 @@ def test_prefill_and_decode_match_forward(which, request):
                                         jnp.asarray(positions[:, t]), cache)
     np.testing.assert_allclose(np.asarray(step_logits), full[:, t], atol=1e-5)
   assert int(cache.index) == 12
-  assert cache.k.shape == (cfg.num_layers, 3, 16, cfg.num_kv_heads, cfg.head_dim)
+  assert cache.k.shape == (cfg.num_layers, 3, cfg.num_kv_heads, 16, cfg.head_dim)
 
 
 def test_qwen3_4b_index_maps_to_params(shared_dir):

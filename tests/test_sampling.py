@@ -150,10 +150,9 @@ def test_forced_tokens_match_fresh_prefill(models):
   valid = np.asarray(state.cache.valid)[:, :idx]
   logits, fresh = mm.prefill(cfg, params, jnp.asarray(out.tokens[:, :idx]), jnp.asarray(valid), 64)
   np.testing.assert_allclose(np.asarray(state.last_logits), np.asarray(logits)[:, -1], atol=1e-4)
-  k_inc, k_new = np.asarray(state.cache.k)[:, :, :idx], np.asarray(fresh.k)[:, :, :idx]
-  np.testing.assert_allclose(k_inc[:, valid], k_new[:, valid], atol=1e-5)
-  np.testing.assert_allclose(np.asarray(state.cache.v)[:, :, :idx][:, valid],
-                             np.asarray(fresh.v)[:, :, :idx][:, valid], atol=1e-5)
+  slots = lambda x: np.moveaxis(np.asarray(x), 3, 2)[:, :, :idx]  # [L, B, S, KVH, hd]
+  for inc, new in ((state.cache.k, fresh.k), (state.cache.v, fresh.v)):
+    np.testing.assert_allclose(slots(inc)[:, valid], slots(new)[:, valid], atol=1e-5)
 
 
 def test_forcing_reactivates_a_stopped_row(models):

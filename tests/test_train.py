@@ -130,6 +130,8 @@ MODES = {
                               rollout=dict(group_size=1), data=dict(prompts_per_step=16)),
     "lte_single_turn": dict(episode=dict(kind="single_turn"), lte=dict(enabled=True)),
     "lte_multi_attempt": dict(lte=dict(enabled=True)),
+    # PPO's old_logp taken from the sampler: no recompute pass, no mismatch metric.
+    "sampler_old_logp": dict(rl=dict(recompute_old_logp=False)),
     "dapo": dict(algorithm="dapo", episode=dict(kind="single_turn"),
                  rl=dict(eps_high=0.28, dynamic_sampling=True, max_resample_rounds=1,
                          overlong_buffer=4)),
@@ -155,9 +157,14 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
   expected = {"ppo_multi_attempt": ["critic_loss", "kl_loss", "success@1"],
               "lte_single_turn": ["lte/all_fail_frac", "lte/hint_success_rate"],
               "lte_multi_attempt": ["lte/all_fail_frac", "success@1"],
-              "dapo": ["dapo/kept_groups", "dapo/overlong_penalty_mean"]}[mode]
+              "dapo": ["dapo/kept_groups", "dapo/overlong_penalty_mean"],
+              "sampler_old_logp": ["success@1"]}[mode]
   for key in expected:
     assert key in last, (key, sorted(last))
+  if mode == "sampler_old_logp":
+    assert "logp_mismatch/max" not in last
+  else:  # the sampler's logprob equals the trainer's recompute (what makes the mode sound)
+    assert last["logp_mismatch/max"] < 1e-3, last["logp_mismatch/max"]
 
 
 def test_demo_reward_improves(tmp_path):

@@ -27,8 +27,8 @@ _NEG_INF = -1e30  # finite so fully-masked (padding) queries stay NaN-free.
 
 
 class KVCache(NamedTuple):
-  k: jax.Array      # [L, B, S, KVH, hd]
-  v: jax.Array      # [L, B, S, KVH, hd]
+  k: jax.Array      # [L, B, KVH, S, hd]: heads before slots, the layout the
+  v: jax.Array      # [L, B, KVH, S, hd]  attention dots read without a transpose
   valid: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32: next slot to write.
 
@@ -120,15 +120,32 @@ def rope(x, positions, theta):
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention(q, k, v, mask, cfg: ModelConfig):
-  """GQA attention. q [B,T,H,hd], k/v [B,S,KVH,hd], mask [B,T,S] bool."""
+def attention(q, k, v, mask, cfg: ModelConfig, cached=None):
+  """GQA attention. q [B,T,H,hd], k/v [B,T',KVH,hd], mask [B,T,T'] bool.
+
+  `cached` = (k [B,KVH,S,hd], v, mask [B,T,S]) adds earlier tokens (a KV
+  cache, in its own heads-first layout) to the keys. They are scored as a separate block and joined only in
+  the softmax, so a decode step reads the cache and never rewrites it.
+  """
   B, T, H, hd = q.shape
   q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                      preferred_element_type=jnp.float32) * (hd ** -0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+  def scores(keys, block_mask, kv_layout):
+    sc = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, keys,
+                    preferred_element_type=jnp.float32) * (hd ** -0.5)
+    return jnp.where(block_mask[:, None, None, :, :], sc, _NEG_INF)
+
+  blocks = [(k, v, mask, "bskd")]
+  if cached is not None:
+    blocks.insert(0, (*cached, "bksd"))
+  sc = [scores(kb, mb, layout) for kb, _, mb, layout in blocks]
+  probs = jax.nn.softmax(jnp.concatenate(sc, axis=-1), axis=-1)
+  out, offset = 0, 0
+  for (_, vb, _, layout), block in zip(blocks, sc):
+    width = block.shape[-1]
+    p = jax.lax.slice_in_dim(probs, offset, offset + width, axis=-1).astype(vb.dtype)
+    out = out + jnp.einsum(f"bkgts,{layout}->btkgd", p, vb)
+    offset += width
   return out.reshape(B, T, H, hd)
 
 
@@ -213,50 +230,58 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                  valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
 
 def cache_axes():
   """Logical axes of the cache: batch over data/fsdp, kv_heads over tensor."""
-  kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+  kv = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
   return KVCache(k=kv, v=kv, valid=("batch", "cache_length"), index=())
 
 
 def extend(cfg: ModelConfig, params: Params, tokens, positions, token_mask,
-           cache: KVCache, *, return_hidden: bool = False, last_only: bool = False):
+           cache: KVCache, *, return_hidden: bool = False, last_only: bool = False,
+           empty_cache: bool = False):
   """Runs T new tokens per row through the model on top of `cache`.
 
   Writes their K/V at cache columns [index, index+T) for every row, marks
   `valid` from `token_mask`, and returns (logits [B, T, V], new cache).
-  Prefill is `extend` of the left-padded prompt on an empty cache; decode is
-  `extend` with T = 1 (a sampled or a forced token: the cache can't tell).
+  Prefill is `extend` of the left-padded prompt on an empty cache
+  (`empty_cache=True` skips attending to it); decode is `extend` with T = 1 (a
+  sampled or a forced token: the cache can't tell).
+
+  The new tokens attend to the cache's valid slots (all before `index`: slots
+  at or past it were never written or were rewound) and causally to each
+  other. The layer scan reads each layer's cache and returns only the new
+  K/V, written into the cache once after the scan: carrying the cache through
+  the scan made XLA copy every layer's whole cache on every decode step
+  (13 ms of a 13 ms demo step on CPU; HBM traffic on an accelerator).
   """
   B, T = tokens.shape
-  S = cache.k.shape[2]
   start = cache.index
-  valid = jax.lax.dynamic_update_slice(cache.valid, token_mask.astype(bool), (0, start))
-  slots = jnp.arange(S)
-  causal = slots[None, :] <= (start + jnp.arange(T))[:, None]          # [T, S]
-  mask = causal[None] & valid[:, None, :]                               # [B, T, S]
+  token_mask = token_mask.astype(bool)
+  self_mask = jnp.tril(jnp.ones((T, T), bool))[None] & token_mask[:, None, :]   # [B, T, T]
+  cache_mask = jnp.broadcast_to(cache.valid[:, None, :], (B, T, cache.valid.shape[1]))
 
-  def layer(carry, xs):
-    h, ck, cv = carry
-    lp, i = xs
+  def layer(h, xs):
+    lp, layer_k, layer_v = xs
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
     q, k, v = _layer_qkv(cfg, lp, x, positions)
-    layer_k = jax.lax.dynamic_update_slice(ck[i], k.astype(ck.dtype), (0, start, 0, 0))
-    layer_v = jax.lax.dynamic_update_slice(cv[i], v.astype(cv.dtype), (0, start, 0, 0))
-    ck = jax.lax.dynamic_update_index_in_dim(ck, layer_k, i, 0)
-    cv = jax.lax.dynamic_update_index_in_dim(cv, layer_v, i, 0)
-    out = attention(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype), mask, cfg)
-    return (_layer_out(cfg, lp, h, out), ck, cv), None
+    k, v = k.astype(layer_k.dtype), v.astype(layer_v.dtype)
+    cached = None if empty_cache else (layer_k.astype(q.dtype), layer_v.astype(q.dtype), cache_mask)
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg, cached=cached)
+    return _layer_out(cfg, lp, h, out), (k, v)
 
-  h0 = _embed(cfg, params, tokens)
-  xs = (params["layers"], jnp.arange(cfg.num_layers))
-  (h, ck, cv), _ = jax.lax.scan(layer, (h0, cache.k, cache.v), xs)
-  new_cache = KVCache(k=ck, v=cv, valid=valid, index=start + T)
+  h, (new_k, new_v) = jax.lax.scan(layer, _embed(cfg, params, tokens),
+                                   (params["layers"], cache.k, cache.v))
+  new_k, new_v = (x.transpose(0, 1, 3, 2, 4) for x in (new_k, new_v))  # [L, B, KVH, T, hd]
+  at = (0, 0, 0, start, 0)
+  new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_k, at),
+                      v=jax.lax.dynamic_update_slice(cache.v, new_v, at),
+                      valid=jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, start)),
+                      index=start + T)
   if last_only:  # a prefill only needs the next-token logits: skip [B, T, V]
     h = h[:, -1:]
   return _final(cfg, params, h, return_hidden), new_cache
@@ -267,7 +292,8 @@ def prefill(cfg, params, tokens, attention_mask, max_len: int, last_only: bool =
   attention_mask = attention_mask.astype(bool)
   positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
   cache = init_cache(cfg, tokens.shape[0], max_len)
-  return extend(cfg, params, tokens, positions, attention_mask, cache, last_only=last_only)
+  return extend(cfg, params, tokens, positions, attention_mask, cache, last_only=last_only,
+                empty_cache=True)
 
 
 def decode_step(cfg, params, token, position, cache: KVCache):
