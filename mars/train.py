@@ -167,7 +167,18 @@ def _updates_per_step(config) -> int:
 
 def _optim_cfg(opt_cfg, config):
   o = opt_cfg.to_dict() if hasattr(opt_cfg, "to_dict") else dict(opt_cfg)
-  o["total_steps"] = o.get("total_steps") or config.train.steps * _updates_per_step(config)
+  if o.get("total_steps"):
+    return o
+  # Derived from the run's length: a run shortened on the command line (a
+  # smoke test of a cosine config) keeps a decay by shortening the warmup to
+  # half the updates, rather than failing. An explicit total_steps is kept as
+  # set, and one not above the warmup stays an error.
+  o["total_steps"] = config.train.steps * _updates_per_step(config)
+  busy = o["total_steps"] - o.get("delay_steps", 0)
+  if o.get("schedule") == "cosine" and busy <= o.get("warmup_steps", 0):
+    logging.warning("cosine schedule: %d updates after the delay do not exceed warmup_steps=%d; "
+                    "warming up for %d.", busy, o["warmup_steps"], busy // 2)
+    o["warmup_steps"] = max(busy // 2, 0)
   return o
 
 

@@ -76,3 +76,22 @@ def test_config_errors_are_one_clear_line(override, message):
   with pytest.raises(mars_config.ConfigError, match=message) as e:
     mars_config.validate(c, 8)
   assert "\n" not in str(e.value)
+
+
+def test_shortened_cosine_run_shortens_its_warmup():
+  """The demo decays its lr by cosine over train.steps × updates; a run cut to
+  2 steps (4 updates, under the 10-update warmup) warms up for 2 and decays,
+  while an explicit total_steps under the warmup stays an error."""
+  train._lazy_imports()
+  c = load("tiny")
+  c.train.steps, c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 2, 8, 4, 16
+  o = train._optim_cfg(c.actor_optim, c)
+  assert (o["schedule"], o["total_steps"], o["warmup_steps"]) == ("cosine", 4, 2)
+  lr = optim.make_schedule(o)
+  peak, floor = c.actor_optim.lr, c.actor_optim.lr * c.actor_optim.min_lr_ratio
+  assert [float(lr(i)) for i in (0, 2, 4)] == pytest.approx([0.0, peak, floor])
+  c.train.steps = 100  # the full demo keeps its configured warmup
+  assert train._optim_cfg(c.actor_optim, c)["warmup_steps"] == c.actor_optim.warmup_steps
+  c.actor_optim.total_steps = 4
+  with pytest.raises(ValueError, match="total_steps > warmup_steps"):
+    optim.make_schedule(train._optim_cfg(c.actor_optim, c))

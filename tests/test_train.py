@@ -147,6 +147,7 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
   c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 8, 4, 16
   c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 5, 2, 2, 1
   c.rollout.max_new_tokens, c.episode.budget = 12, 24
+  c.rl.recompute_old_logp = True  # the library default (the demo turns it off)
   for section, values in MODES[mode].items():
     if isinstance(values, dict):
       c[section].update(values)
