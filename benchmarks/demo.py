@@ -29,12 +29,13 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The settings the recorded GRPO/LTE comparisons used, pinned: 60 steps at a
-# constant lr with recomputed old logprobs (the demo's own defaults moved on
-# to 140 steps, a cosine lr and the sampler's logprobs as the step got cheaper).
+# The settings the recorded GRPO/LTE comparisons used, pinned: GRPO advantages,
+# 60 steps at a constant lr with recomputed old logprobs (the demo's own
+# defaults moved on to attempt_rloo, 140 steps, a cosine lr and the sampler's
+# logprobs).
 _SINGLE_TURN = ["--config.episode.kind=single_turn", "--config.actor_optim.lr=1e-3",
-                "--config.train.steps=60", "--config.actor_optim.schedule=constant",
-                "--config.rl.recompute_old_logp=True"]
+                "--config.rl.adv_estimator=grpo", "--config.train.steps=60",
+                "--config.actor_optim.schedule=constant", "--config.rl.recompute_old_logp=True"]
 # The learnable rule, with a warm start that also teaches reading LTE's hints
 # (an LLM brings that from pretraining; without it the tiny model's hinted
 # rollouts succeeded below chance and LTE had nothing to rescue, measured).

@@ -14,10 +14,13 @@ included), so it cannot leak the answer or the non-repetition RL must learn.
     python -m mars.train --config.episode.min_attempts=1 --config.episode.max_attempts=1
                                                           # single-turn baseline
     python -m mars.train --config.lte.enabled=True --config.episode.kind=single_turn \
-        --config.actor_optim.lr=1e-3 --config.data.candidates_rule=first \
-        --config.data.candidates_k=8 --config.sft.hint_fraction=0.75 --config.sft.steps=1000
+        --config.rl.adv_estimator=grpo --config.actor_optim.lr=1e-3 \
+        --config.data.candidates_rule=first --config.data.candidates_k=8 \
+        --config.sft.hint_fraction=0.75 --config.sft.steps=1000
                                                           # LTE on the learnable rule; the warm
                                                           # start also teaches reading hints
+                                                          # (benchmarks/demo.py --parts lte-first
+                                                          # adds the recorded runs' settings)
 
 Choices that differ from mars.config's defaults, and why (measured on 2 CPU
 cores; the README's demo section has the figures):
@@ -42,14 +45,14 @@ cores; the README's demo section has the figures):
   rl.recompute_old_logp = False: the sampler's logprob is the old logprob. On
       CPU in fp32 it equals the trainer's recompute (logp_mismatch/max stayed
       under 1.5e-5 over a run), and skipping the pass saves 0.44 s a step.
-  actor_optim.schedule = cosine (to 0.1× lr): measured at 140 steps, greedy
-      accuracy with 3 / 4 attempts was 0.91 / 0.94 against 0.81 / 0.85 at a
+  actor_optim.schedule = cosine (to 0.1× lr): measured at 140 steps (seed 0),
+      greedy accuracy with 3 / 4 attempts was 0.91 / 0.94 against 0.81 / 0.85 at a
       constant lr (probably: the decay lets the policy settle on the
       non-repetition it has found instead of moving on at full lr).
   train.steps = 140: what fits the ~10 min budget (3.3 s per step after a
       79 s warm start; 568 s in all). Accuracy with 1..4 attempts is then
-      0.35/0.71/0.91/0.94 against the ceiling 0.33/0.67/1/1 (README,
-      benchmarks/results/demo_cpu.json).
+      0.35/0.71/0.91/0.94 (seed 1: 0.33/0.66/0.80/0.87) against the ceiling
+      0.33/0.67/1/1 (README, benchmarks/results/demo_cpu*.json).
 """
 from mars import config as mars_config
 
@@ -58,7 +61,7 @@ def get_config():
   c = mars_config.default_config()
   c.seed = 0
   c.algorithm = "grpo"
-  c.rl.adv_estimator = "grpo"
+  c.rl.adv_estimator = "attempt_rloo"
   c.model.path = ""                  # the demo model; no downloads
   c.data.name = "candidates"
   c.data.candidates_k = 3
