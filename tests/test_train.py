@@ -173,9 +173,10 @@ def test_demo_reward_improves(tmp_path):
 
   The warm start is cut short on purpose so the starting policy still often
   fails to box a candidate (reward -1): the first thing RL must fix, as in a
-  real run's format phase. Measured (2 cores): reward -0.48 over the first
-  2 steps -> -0.20 over the last 4, no-answer 0.20 -> 0.02; with
-  actor_optim.lr = 0 the same run stays at -0.48 / 0.21, failing both asserts.
+  real run's format phase. Measured (2 cores, the demo's attempt_rloo and
+  cosine lr): reward -0.54 over the first 2 steps -> -0.17 over the last 4,
+  no-answer 0.23 -> 0.00; with actor_optim.lr = 0 the same run goes
+  -0.50 -> -0.44 and 0.23 -> 0.27, failing both asserts.
   """
   from mars import config as mars_config
   from mars import train
