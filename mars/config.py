@@ -168,6 +168,14 @@ def validate(c, num_devices: int = None) -> None:
     raise ConfigError(f"episode.min_attempts must be >= 1, got {c.episode.min_attempts}.")
   if c.lte.enabled and c.algorithm == "ppo":
     raise ConfigError("LTE works over GRPO groups: set algorithm='grpo' (or 'dapo') with lte.")
+  for name in ("actor_optim", "critic_optim"):
+    o = c[name]
+    if o.schedule not in ("constant", "cosine"):
+      raise ConfigError(f"Unknown {name}.schedule {o.schedule!r}; choose 'constant' or 'cosine'.")
+    # A total_steps of 0 is derived from the run's length (and the warmup fitted to it).
+    if o.schedule == "cosine" and o.total_steps and o.total_steps - o.delay_steps <= o.warmup_steps:
+      raise ConfigError(f"{name}: a cosine schedule needs total_steps - delay_steps > warmup_steps; "
+                        f"got {o.total_steps} - {o.delay_steps} <= {o.warmup_steps}.")
   G = c.rollout.group_size
   if G < 1:
     raise ConfigError(f"rollout.group_size must be >= 1, got {G}.")

@@ -64,6 +64,9 @@ def test_tiny_config_validates():
     (dict(rollout=dict(group_size=1)), "needs rollout.group_size >= 2"),
     (dict(data=dict(prompts_per_step=4), rl=dict(minibatch_size=32)),
      "prompts_per_step=4 is not divisible by the data×fsdp mesh size 8"),
+    (dict(actor_optim=dict(total_steps=3)),
+     r"actor_optim: a cosine schedule needs total_steps - delay_steps > warmup_steps; got 3 - 0"),
+    (dict(critic_optim=dict(schedule="linear")), "Unknown critic_optim.schedule 'linear'"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
   c = load("tiny")
