@@ -136,17 +136,17 @@ def attention(q, k, v, mask, cfg: ModelConfig, cached=None):
                     preferred_element_type=jnp.float32) * (hd ** -0.5)
     return jnp.where(block_mask[:, None, None, :, :], sc, _NEG_INF)
 
-  blocks = [(k, v, mask, "bskd")]
-  if cached is not None:
-    blocks.insert(0, (*cached, "bksd"))
-  sc = [scores(kb, mb, layout) for kb, _, mb, layout in blocks]
-  probs = jax.nn.softmax(jnp.concatenate(sc, axis=-1), axis=-1)
-  out, offset = 0, 0
-  for (_, vb, _, layout), block in zip(blocks, sc):
-    width = block.shape[-1]
-    p = jax.lax.slice_in_dim(probs, offset, offset + width, axis=-1).astype(vb.dtype)
-    out = out + jnp.einsum(f"bkgts,{layout}->btkgd", p, vb)
-    offset += width
+  def mix(probs, values, kv_layout):
+    return jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs.astype(values.dtype), values)
+
+  if cached is None:
+    out = mix(jax.nn.softmax(scores(k, mask, "bskd"), axis=-1), v, "bskd")
+  else:
+    cache_k, cache_v, cache_mask = cached
+    S = cache_k.shape[2]
+    probs = jax.nn.softmax(jnp.concatenate(
+        [scores(cache_k, cache_mask, "bksd"), scores(k, mask, "bskd")], axis=-1), axis=-1)
+    out = mix(probs[..., :S], cache_v, "bksd") + mix(probs[..., S:], v, "bskd")
   return out.reshape(B, T, H, hd)
 
 
