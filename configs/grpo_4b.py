@@ -14,7 +14,8 @@ def get_config():
   c.seed = 2
   c.algorithm = "grpo"
   c.model.path = "Qwen/Qwen3-4B-Base"
-  c.model.dtype = "bfloat16"
+  c.model.dtype = "float32"          # fp32 master params and Adam state
+  c.model.compute_dtype = "bfloat16"  # bf16 forward/backward and rollout copy
   c.model.remat = True
   c.data.name = "simplerl_math_l3to5"
   c.data.prompts_per_step = 128

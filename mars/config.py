@@ -18,8 +18,16 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.path = ""               # local HF dir or hub id; "" = the demo's tiny model
-  c.model.dtype = "float32"       # param dtype
-  c.model.compute_dtype = ""      # "" = same as dtype
+  # Mixed precision as the field does it: fp32 master params (and Adam state,
+  # and checkpoints), compute in `compute_dtype` (cast inside the jitted step;
+  # the sampler reads one compute-dtype copy per rollout phase).
+  c.model.dtype = "float32"       # stored (master) param dtype
+  c.model.compute_dtype = ""      # activations/matmuls; "" = same as dtype. Real runs: bfloat16
+  # Opt-in for dtype="bfloat16" storage in a trained run. What is lost: bf16
+  # has 8 mantissa bits, so an Adam step of ~lr (1e-6) on a weight of ~1e-2 is
+  # below half an ulp and rounds away: most weights never move. Only for
+  # memory experiments at large lr.
+  c.model.allow_low_precision_params = False
   c.model.remat = False
   c.model.tokenizer_path = ""     # "" = model.path (or the demo tokenizer)
 
@@ -156,6 +164,12 @@ def validate(c, num_devices: int = None) -> None:
                         f"{RULES}.")
   if not 0.0 <= c.sft.get("hint_fraction", 0.0) <= 1.0:
     raise ConfigError(f"sft.hint_fraction={c.sft.hint_fraction} must be in [0, 1].")
+  if c.model.dtype != "float32" and not c.model.allow_low_precision_params:
+    raise ConfigError(
+        f"model.dtype={c.model.dtype!r} stores the trained params in low precision, where "
+        f"lr-sized updates round away; keep model.dtype='float32' (fp32 masters) with "
+        f"model.compute_dtype={c.model.dtype!r}, or opt in with "
+        f"model.allow_low_precision_params=True.")
   if c.algorithm == "ppo" and c.rl.adv_estimator != "gae":
     raise ConfigError("algorithm 'ppo' needs rl.adv_estimator='gae' (it trains a critic).")
   if c.algorithm != "ppo" and c.rl.adv_estimator == "gae":

@@ -390,7 +390,8 @@ def evaluate_for_trainer(run, step: int) -> dict:
   from mars import distributed, sharding
   cfg = trainer_eval_config(run.config)
   names = validate(cfg)
-  policy = Policy(sampler=run.sampler, params=run.state.params, tokenizer=run.tokenizer,
+  policy = Policy(sampler=run.sampler, params=run.sampler.rollout_params(run.state.params),
+                  tokenizer=run.tokenizer,
                   grade_fn=run.grade_fn,
                   # Per process: in a multi-host run every process evaluates the
                   # whole set as its own rows (redundant, not yet split).
@@ -436,7 +437,8 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
     grade_fn, close = pool.grade_batch, pool.close
   sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                              mesh=mesh, queue_len=128)
-  policy = Policy(sampler, params, tokenizer, grade_fn,
+  # A run's checkpoint holds fp32 masters: sample from one compute-dtype copy.
+  policy = Policy(sampler, sampler.rollout_params(params), tokenizer, grade_fn,
                   pad_multiple=sharding.mesh_axis_size(mesh, ("data", "fsdp")))
   t0 = time.perf_counter()
   try:

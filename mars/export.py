@@ -18,11 +18,16 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "mars run directory (config.json + checkpoints/).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable one).")
   flags.DEFINE_string("out", None, "Output HF directory.")
-  flags.DEFINE_string("dtype", None, "Export dtype (default: the run's param dtype).")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+                    "Weight dtype written (the hub files' bf16 by default; the run's "
+                    "checkpoint keeps fp32 masters).")
 
 
-def export(workdir: str, out: str, step=None, dtype=None) -> int:
-  """Exports the policy at `step` (latest by default); returns the step exported."""
+def export(workdir: str, out: str, step=None, dtype: str = "bfloat16") -> int:
+  """Exports the policy at `step` (latest by default) in `dtype`; returns the step exported.
+
+  bf16 by default, as Qwen's hub files are: the fp32 masters stay in the run's
+  checkpoints, and a served model computes in bf16 anyway."""
   from mars import models, train
   tokenizer, model_cfg, params, restored_step = train.load_params_from_workdir(workdir, step)
   models.save_hf(model_cfg, params, out, dtype=dtype)

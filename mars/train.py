@@ -218,7 +218,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
     params = jax.device_put(params, state_sh.params)
     critic = (critic_lib.init_critic(params, model_cfg, jax.random.fold_in(base_key, 1))
               if critic_opt is not None else None)
-    ref = jax.tree.map(jnp.copy, params) if needs_ref else None
+    ref = reference_params(model_cfg, params) if needs_ref else None
     state = step_lib.init_train_state(params, policy_opt, critic, critic_opt)
     return jax.device_put(state, state_sh), ref
 
@@ -236,12 +236,15 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
     abstract = {"train": jax.eval_shape(lambda: fresh_state_abstract(model_cfg, policy_opt, critic_opt))}
     abstract["train"] = checkpoint.abstract_like(abstract["train"], state_sh)
     if needs_ref and not from_hf:
-      abstract["ref"] = checkpoint.abstract_like(abstract["train"].params, state_sh.params)
+      abstract["ref"] = checkpoint.abstract_like(
+          jax.eval_shape(lambda p: reference_params(model_cfg, p), abstract["train"].params),
+          state_sh.params)
     start_step, restored, meta = ckpt.restore(abstract)
     state = restored["train"]
     ref = restored.get("ref")
     if needs_ref and from_hf:
-      ref = jax.device_put(params, state_sh.params)  # the reference is the HF checkpoint
+      # The reference is the HF checkpoint.
+      ref = reference_params(model_cfg, jax.device_put(params, state_sh.params))
     pipeline.set_state(meta["pipeline"])
     base_key = checkpoint.key_from_json(meta["key"])
     logging.info("Resumed from step %d in %s", start_step, workdir)
@@ -271,6 +274,14 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
              sampler=sampler, state=state, ref_params=ref, state_shardings=state_sh,
              train_step=train_step, pipeline=pipeline, grade_fn=grade_fn, base_key=base_key,
              start_step=start_step, writer=writer, ckpt=ckpt, close=close)
+
+
+def reference_params(model_cfg, params):
+  """The frozen KL reference: a copy in the compute dtype. It only feeds a
+  forward pass, which casts to that dtype anyway, so fp32 storage would buy
+  nothing and cost twice the memory (verl keeps its reference in bf16 too)."""
+  ref = models.cast_params(params, model_cfg.dtype)
+  return jax.tree.map(jnp.copy, ref) if ref is params else ref  # params are donated later
 
 
 def fresh_state_abstract(model_cfg, policy_opt, critic_opt):
@@ -304,7 +315,9 @@ def load_params_from_workdir(workdir: str, step: Optional[int] = None, mesh=None
   abstract = {"train": checkpoint.abstract_like(
       jax.eval_shape(lambda: fresh_state_abstract(model_cfg, policy_opt, critic_opt)), state_sh)}
   if config.rl.kl_coef > 0 and not from_hf:
-    abstract["ref"] = abstract["train"].params
+    abstract["ref"] = checkpoint.abstract_like(
+        jax.eval_shape(lambda p: reference_params(model_cfg, p), abstract["train"].params),
+        state_sh.params)
   restored_step, restored, _ = ckpt.restore(abstract, step)
   ckpt.close()
   return tokenizer, model_cfg, restored["train"].params, restored_step
@@ -313,8 +326,9 @@ def load_params_from_workdir(workdir: str, step: Optional[int] = None, mesh=None
 # ----------------------------------------------------------------------------
 # One step.
 
-def rollout(run: Run, problems, key, step: int):
-  """Rollouts of the configured kind -> EpisodeResult."""
+def rollout(run: Run, problems, key, params):
+  """Rollouts of the configured kind -> EpisodeResult. `params`: the sampler's
+  compute-dtype copy of the policy (Sampler.rollout_params), made once per step."""
   c = run.config
   common = dict(key=key, grade_fn=run.grade_fn)
   lte_common = dict(group_offset=_local_prompts(run, len(problems)).start)
@@ -330,19 +344,19 @@ def rollout(run: Run, problems, key, step: int):
     single = c.episode.max_attempts == 1
     if c.lte.enabled:
       from mars.episodes import lte
-      return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=cfg,
+      return lte.rollout(run.sampler, params, run.tokenizer, problems, cfg=cfg,
                          lte_cfg=lte_cfg(run, "multi_attempt"), num_attempts=list(n),
                          group_size=c.rollout.group_size, single_turn=single, **common,
                          **lte_common)
-    return multi_attempt.rollout(run.sampler, run.state.params, run.tokenizer, problems,
+    return multi_attempt.rollout(run.sampler, params, run.tokenizer, problems,
                                  cfg=cfg, num_attempts=list(n), group_size=c.rollout.group_size,
                                  single_turn=single, **common)
   if c.lte.enabled:
     from mars.episodes import lte
-    return lte.rollout(run.sampler, run.state.params, run.tokenizer, problems, cfg=c.rollout,
+    return lte.rollout(run.sampler, params, run.tokenizer, problems, cfg=c.rollout,
                        lte_cfg=lte_cfg(run, "single_turn"), **common, **lte_common)
   from mars.episodes import single_turn
-  return single_turn.rollout(run.sampler, run.state.params, run.tokenizer, problems,
+  return single_turn.rollout(run.sampler, params, run.tokenizer, problems,
                              cfg=c.rollout, **common)
 
 
@@ -461,8 +475,10 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
   k_roll, k_ppo = jax.random.split(key)
   t0 = time.perf_counter()
   problems = run.pipeline.next_batch()
-  result = rollout(run, problems, k_roll, step)
-  result = maybe_dynamic_sampling(run, result, k_roll)
+  rollout_params = run.sampler.rollout_params(run.state.params)
+  result = rollout(run, problems, k_roll, rollout_params)
+  result = maybe_dynamic_sampling(run, result, k_roll, rollout_params)
+  del rollout_params  # the bf16 copy is not kept through the update
   result = maybe_overlong_shaping(run, result)
   t1 = time.perf_counter()
   batch, recomputed = prepare_batch(run, to_device_batch(run, result))
@@ -512,7 +528,7 @@ def group_outcomes(batch, group_size: int) -> dict:
           .mean("groups/all_pass_frac", passed == 1))
 
 
-def maybe_dynamic_sampling(run: Run, result, key):
+def maybe_dynamic_sampling(run: Run, result, key, params):
   """DAPO dynamic sampling: drop groups whose rewards are all equal, draw more
   prompts until the step has `prompts_per_step` informative groups (or the
   round limit is hit; then dropped groups refill the batch, contributing zero
@@ -535,7 +551,7 @@ def maybe_dynamic_sampling(run: Run, result, key):
   # Every process draws again while any one lacks groups (rollouts are collective).
   while distributed.any_process(len(kept) < target) and rounds < c.rl.max_resample_rounds:
     rounds += 1
-    more = rollout(run, run.pipeline.next_batch(), jax.random.fold_in(key, 1000 + rounds), -1)
+    more = rollout(run, run.pipeline.next_batch(), jax.random.fold_in(key, 1000 + rounds), params)
     split_groups(more)
   groups = (kept + dropped)[:target]
   rows, meta = [], []

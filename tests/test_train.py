@@ -102,25 +102,43 @@ def test_bad_config_is_one_line(tmp_path):
   assert err == ["mars.train: error: episode.max_attempts=2 < episode.min_attempts=5."], out[-2000:]
 
 
-def test_export_cli_round_trip(straight_run, tmp_path):
-  """mars.export writes an HF dir that transformers loads, with equal logits."""
-  import torch
-  import transformers
-  out = str(tmp_path / "hf")
-  proc = subprocess.run([sys.executable, "-m", "mars.export", f"--workdir={straight_run}",
-                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+def _export(workdir, out, *extra):
+  proc = subprocess.run([sys.executable, "-m", "mars.export", f"--workdir={workdir}",
+                         f"--out={out}", *extra], cwd=REPO, capture_output=True, text=True,
+                        timeout=600,
                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
   assert proc.returncode == 0, proc.stderr[-2000:]
-  model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-  tok = transformers.AutoTokenizer.from_pretrained(out)
-  ids = tok("<|im_start|>user\nCandidates: 1, 2, 3. Which one is it?<|im_end|>\n")["input_ids"]
+
+
+def test_export_cli_round_trip(straight_run, tmp_path):
+  """mars.export writes an HF dir that transformers loads, with equal logits: exactly
+  (1e-4) with --dtype=float32, and in bf16 (the default, as hub files are) within
+  bf16 rounding of the fp32 masters."""
+  import torch
+  import transformers
   from mars import models, train
   import jax.numpy as jnp
   _, cfg, params, _ = train.load_params_from_workdir(straight_run)
-  ours = np.asarray(models.forward(cfg, params, jnp.asarray([ids]), jnp.ones((1, len(ids)), bool)))
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor([ids])).logits.numpy()
-  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  tok = None
+  for dtype, atol in (("float32", 1e-4), ("bfloat16", None)):
+    out = str(tmp_path / dtype)
+    _export(straight_run, out, *([f"--dtype={dtype}"] if dtype == "float32" else []))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    tok = tok or transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok("<|im_start|>user\nCandidates: 1, 2, 3. Which one is it?<|im_end|>\n")["input_ids"]
+    with torch.no_grad():
+      theirs = model.float()(input_ids=torch.tensor([ids])).logits.numpy()
+    if atol is None:
+      # The reference: our forward on the same bf16-rounded weights, in fp32.
+      params_ref = models.cast_params(models.cast_params(params, "bfloat16"), "float32")
+      ours = np.asarray(models.forward(cfg, params_ref, jnp.asarray([ids]),
+                                       jnp.ones((1, len(ids)), bool)))
+      atol = 1e-4
+    else:
+      ours = np.asarray(models.forward(cfg, params, jnp.asarray([ids]),
+                                       jnp.ones((1, len(ids)), bool)))
+    np.testing.assert_allclose(ours, theirs, atol=atol)
 
 
 MODES = {

@@ -6,7 +6,7 @@
 """
 from mars.models.config import ModelConfig, from_hf_dict, load_config, tiny_config, to_hf_dict
 from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir, save_hf
-from mars.models.qwen import (KVCache, cache_axes, decode_step, extend, forward, init_cache,
+from mars.models.qwen import (KVCache, cache_axes, cast_params, decode_step, extend, forward, init_cache,
                               init_params, logprobs_from_logits, param_axes, param_shapes,
                               prefill, token_logprobs)
 

@@ -99,6 +99,22 @@ def init_params(cfg: ModelConfig, key: jax.Array, std: float = 0.02) -> Params:
   return jax.tree.unflatten(treedef, out)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _cast_floats(params, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+
+
+def cast_params(params: Params, dtype) -> Params:
+  """Floating leaves cast to `dtype` (a compute copy of fp32 masters); the same
+  tree when they already are. Elementwise, so each leaf keeps its sharding."""
+  dtype = jnp.dtype(dtype)
+  if all(x.dtype == dtype for x in jax.tree.leaves(params)
+         if jnp.issubdtype(x.dtype, jnp.floating)):
+    return params
+  return _cast_floats(params, dtype.name)
+
+
 # ----------------------------------------------------------------------------
 # Building blocks.
 

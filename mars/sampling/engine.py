@@ -236,6 +236,16 @@ class Sampler:
           self.mesh, _state_axes(state), jax.tree.map(lambda x: tuple(x.shape), state))
     return self._state_sharding_cache[key]
 
+  def rollout_params(self, params):
+    """The params the sampler reads: a copy in the model's compute dtype.
+
+    Training keeps fp32 master params; decode is memory-bound, so it reads a
+    bf16 copy made once per rollout phase (call this once, pass the result to
+    every start/run/generate of the phase) rather than casting fp32 weights
+    on every decode step. Params already in the compute dtype come back as they are.
+    """
+    return qwen.cast_params(self._place_params(params), self.cfg.dtype)
+
   def _place_params(self, params):
     if self._param_shardings is None:
       return params
