@@ -40,7 +40,8 @@ PRESETS = {
     # Qwen2-shaped, small enough for 2 CPU cores (vocab 8192 as in benchmarks/generate.py).
     "cpu-small": dict(model=dict(vocab_size=8192, hidden_size=512, intermediate_size=1408,
                                  num_hidden_layers=4, num_attention_heads=8,
-                                 num_key_value_heads=2, tie_word_embeddings=True),
+                                 num_key_value_heads=2, tie_word_embeddings=True,
+                                 rope_theta=10000.0),  # mars needs it explicit; torch's default
                       param_dtype="float32", compute_dtype="float32", remat=False,
                       batch=8, seq_len=256, micro_batch=8, steps=5),
     # Qwen2.5-1.5B shape, fp32 master weights + bf16 compute (both sides), 4k tokens/row.

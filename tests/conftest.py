@@ -44,14 +44,23 @@ def _tiny_hf(tmp_path_factory, name, kind, **kw):
 
 
 @pytest.fixture(scope="session")
+def make_tiny_hf(tmp_path_factory):
+  """make_tiny_hf(name, "qwen2"|"qwen3", **config_kwargs) -> (path, torch model):
+  a tiny random model saved by the installed transformers."""
+  return lambda name, kind, **kw: _tiny_hf(tmp_path_factory, name, kind, **kw)
+
+
+# Both use a RoPE base other than 10000 (transformers' default_theta), so a
+# config reader that misses it and falls back to 10000 fails the parity tests.
+@pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
-  """Qwen2: qkv bias, tied embeddings, GQA ratio 2."""
+  """Qwen2: qkv bias, tied embeddings, GQA ratio 2, rope_theta 5e5."""
   return _tiny_hf(tmp_path_factory, "qwen2", "qwen2", num_key_value_heads=2,
-                  tie_word_embeddings=True, rope_theta=10000.0)
+                  tie_word_embeddings=True, rope_theta=500_000.0)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
-  """Qwen3: q/k norm, untied embeddings, head_dim 24 != 64/4, GQA ratio 1."""
+  """Qwen3: q/k norm, untied embeddings, head_dim 24 != 64/4, GQA ratio 1, rope_theta 1e6."""
   return _tiny_hf(tmp_path_factory, "qwen3", "qwen3", num_key_value_heads=4, head_dim=24,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=False, rope_theta=1_000_000.0)

@@ -4,11 +4,12 @@
     logits = mars.models.forward(cfg, params, tokens, attention_mask)
     mars.models.save_hf(cfg, params, out_dir)
 """
-from mars.models.config import ModelConfig, from_hf_dict, load_config, tiny_config, to_hf_dict
+from mars.models.config import (ModelConfig, UnsupportedConfigError, from_hf_dict, load_config,
+                                tiny_config, to_hf_config, to_hf_dict)
 from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir, save_hf
 from mars.models.qwen import (KVCache, cache_axes, cast_params, decode_step, extend, forward, init_cache,
                               init_params, logprobs_from_logits, param_axes, param_shapes,
-                              prefill, token_logprobs)
+                              prefill, rope_frequencies, token_logprobs)
 
 
 def param_shardings(cfg, mesh):

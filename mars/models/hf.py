@@ -188,10 +188,9 @@ def save_hf(cfg: config_lib.ModelConfig, params, out_dir: str, dtype: Optional[s
   from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
   np_dtype = jnp.dtype(dtype or cfg.param_dtype)
-  hf_cfg = config_lib.to_hf_dict(cfg)
-  hf_cfg["torch_dtype"] = str(np_dtype)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2)
+  # transformers writes config.json itself: the file is then in the format
+  # the installed transformers (and vLLM through it) reads.
+  config_lib.to_hf_config(cfg, dtype=str(np_dtype)).save_pretrained(out_dir)
 
   shards, current, current_bytes = [], {}, 0
   for path_, (template, _, to_hf) in _hf_layout(cfg).items():
