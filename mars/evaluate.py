@@ -462,9 +462,10 @@ def main(argv):
   try:
     run_cli(cfg, F.checkpoint, F.out, step=F.step, compare=F.compare, label=F.label)
   except Exception as e:  # one clear line for input errors; real bugs keep their traceback
-    from mars.models import CheckpointError
+    from mars.models import CheckpointError, UnsupportedConfigError
     from mars.sharding import ShardingError
-    if isinstance(e, (EvalError, FileNotFoundError, CheckpointError, ShardingError)):
+    if isinstance(e, (EvalError, FileNotFoundError, CheckpointError, ShardingError,
+                      UnsupportedConfigError)):
       print(f"mars.evaluate: error: {e}", file=sys.stderr)
       sys.exit(2)
     raise

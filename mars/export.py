@@ -49,7 +49,10 @@ def main(argv):
     sys.exit(2)
   try:
     step = export(f.workdir, f.out, f.step, f.dtype)
-  except FileNotFoundError as e:
+  except Exception as e:  # one clear line for input errors; real bugs keep their traceback
+    from mars.models import CheckpointError, UnsupportedConfigError
+    if not isinstance(e, (FileNotFoundError, CheckpointError, UnsupportedConfigError)):
+      raise
     print(f"mars.export: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(f"mars.export: step {step} of {f.workdir} -> {f.out}")

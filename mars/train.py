@@ -650,9 +650,10 @@ def main(argv):
     from mars.config import ConfigError
     from mars.demo_task import TokenizerDirError
     from mars.distributed import DistributedEnvError
+    from mars.models import CheckpointError, UnsupportedConfigError
     from mars.sharding import ShardingError
     if isinstance(e, (ConfigError, ShardingError, FileNotFoundError, DistributedEnvError,
-                      TokenizerDirError)):
+                      TokenizerDirError, UnsupportedConfigError, CheckpointError)):
       print(f"mars.train: error: {e}", file=sys.stderr)
       sys.exit(2)
     raise
