@@ -498,6 +498,9 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
       .mean("response_length/mean", lm.sum(-1))))
   m.update({f"loss/{k}" if k in ("loss", "pg_loss", "vf_loss") else k: v
             for k, v in update_metrics.items()})
+  # The rewards the update saw (device batch), beside reward/mean (host rows):
+  # equal unless a step between the two (shaping, re-packing) lost something.
+  m["reward/trained_mean"] = float(jnp.mean(batch.reward))
   # Sampler vs trainer logprob mismatch on on-policy tokens (should be ~0),
   # reduced on device: only a scalar crosses to the host.
   if recomputed is not None:
@@ -573,10 +576,13 @@ def maybe_overlong_shaping(run: Run, result):
   max_len = c.episode.budget if c.episode.kind == "multi_attempt" else c.rollout.max_new_tokens
   lengths = np.asarray(result.batch.loss_mask).sum(-1)
   shaped = np.asarray(advantages.overlong_reward_shaping(lengths, max_len, c.rl.overlong_buffer))
+  # The rows are shaped too: a multi-host step re-packs them (to_device_batch),
+  # and a penalty only in the packed batch was lost there.
+  rows = [dataclasses.replace(r, reward=float(r.reward + s)) for r, s in zip(result.rows, shaped)]
   batch = result.batch.replace(reward=np.asarray(result.batch.reward) + shaped)
   metrics = host_metrics.merge(
       result.metrics, host_metrics.Metrics().mean("dapo/overlong_penalty_mean", shaped))
-  return dataclasses.replace(result, batch=batch, metrics=metrics)
+  return dataclasses.replace(result, rows=rows, batch=batch, metrics=metrics)
 
 
 def save_checkpoint(run: Run, step: int, force: bool = False):

@@ -205,14 +205,57 @@ def test_reattach_with_explicit_unhinted_prompts():
   assert new[1].prompt.tolist() == [40, 41, 42] and new[1].group_id == 1
 
 
-def test_no_all_fail_group_is_plain_grpo():
-  rows = [_row([1, 2], [3, 4], g, reward=float(i % 2), truncated=(i == 0))
-          for i, g in enumerate([0, 0, 1, 1, 2, 2])]
-  codes = lte.classify_groups([r.reward for r in rows], [r.truncated for r in rows],
-                              [r.group_id for r in rows], 3)
-  assert not lte.is_all_fail(codes).any()
-  plain = pack(rows, PAD)
-  _assert_batches_equal(pack(lte.reattach_responses(rows, []), PAD), plain)
+class FakeSingleTurn:
+  """Stands in for single_turn.rollout: records its calls, returns scripted rows.
+
+  scripts[k] = per-row (status, reward, truncated) for the k-th call.
+  """
+
+  def __init__(self, *scripts):
+    self.scripts, self.calls = scripts, []
+
+  def __call__(self, sampler, params, tokenizer, problems, *, key, grade_fn, cfg,
+               pad_prompts_to=None):
+    script = self.scripts[len(self.calls)]
+    self.calls.append(problems)
+    G = len(script) // len(problems)
+    rows = [_row([1, 2], [3, 4 + i], i // G, reward=r, truncated=t)
+            for i, (_, r, t) in enumerate(script)]
+    meta = [dict(problem_id=problems[i // G]["id"], status=st, extracted="5", canonical="5",
+                 response="r", off_policy=False) for i, (st, _, _) in enumerate(script)]
+    return EpisodeResult(rows=rows, batch=pack(rows, PAD), meta=meta, metrics={})
+
+
+def test_no_all_fail_group_is_plain_grpo(monkeypatch, tokenizer):
+  """lte.rollout's real path: when every group has a passing *reward*, no hinted
+  rollout runs and the step's batch is the plain one. Pass/fail is read from
+  the reward (what the advantages use), not from the grader's status: in the
+  second step group 1's only "correct" row hit the length limit and was
+  rewarded 0, so that group is all-fail and gets hinted rollouts."""
+  problems = PROBLEMS[:3]
+  some_pass = [("wrong", 0.0, True), ("correct", 1.0, False),     # g0
+               ("correct", 1.0, False), ("correct", 1.0, False),  # g1
+               ("correct", 1.0, False), ("wrong", 0.0, False)]    # g2
+  fake = FakeSingleTurn(some_pass)
+  monkeypatch.setattr(single_turn, "rollout", fake)
+  result = lte.rollout(None, None, tokenizer, problems, key=jax.random.key(0), grade_fn=None,
+                       cfg=_cfg(group_size=2), lte_cfg=_lte_cfg())
+  assert len(fake.calls) == 1 and result.metrics["lte/hinted_groups"] == 0
+  assert result.metrics["lte/all_fail_frac"] == 0
+  plain = pack([_row([1, 2], [3, 4 + i], i // 2, reward=r, truncated=t)
+                for i, (_, r, t) in enumerate(some_pass)], PAD)
+  _assert_batches_equal(result.batch, plain)
+  assert not np.asarray(result.batch.is_off_policy).any()
+
+  cut_correct = list(some_pass)
+  cut_correct[2:4] = [("correct", 0.0, True), ("wrong", 0.0, False)]
+  fake = FakeSingleTurn(cut_correct, [("correct", 1.0, False), ("wrong", 0.0, False)])
+  monkeypatch.setattr(single_turn, "rollout", fake)
+  result = lte.rollout(None, None, tokenizer, problems, key=jax.random.key(0), grade_fn=None,
+                       cfg=_cfg(group_size=2), lte_cfg=_lte_cfg())
+  assert len(fake.calls) == 2 and result.metrics["lte/hinted_groups"] == 1
+  assert [p["id"] for p in fake.calls[1]] == [problems[1]["id"]]
+  assert np.asarray(result.batch.is_off_policy).sum() == 1
 
 
 def test_old_logp_for_loss_uses_behaviour_on_off_policy_rows():
@@ -347,7 +390,7 @@ WRONG_ALL = lambda i: Grade("wrong", "5", "5")
 
 def _cfg(**kw):
   cfg = single_turn.default_config()
-  cfg.update(group_size=G, max_new_tokens=NEW, **kw)
+  cfg.update(dict(dict(group_size=G, max_new_tokens=NEW), **kw))
   return cfg
 
 
@@ -374,7 +417,11 @@ def test_all_fail_groups_get_one_hinted_generate_call(replaced):
   assert calls == [(4, G), (2, G)]  # step 1, then both all-fail groups in one call
   m = result.metrics
   assert m["lte/hinted_groups"] == 2 and m["lte/all_fail_frac"] == 0.5
-  assert m["lte/some_pass_frac"] == 0.25 and m["lte/all_pass_frac"] == 0.25
+  # g1's rows are all graded correct, but one that hit the length limit is
+  # rewarded 0 (truncated_is_failure), and LTE judges by the reward.
+  g1_cut = bool(np.asarray(plain.batch.truncated[4:8]).any())
+  assert m["lte/some_pass_frac"] == (0.5 if g1_cut else 0.25)
+  assert m["lte/all_pass_frac"] == (0.0 if g1_cut else 0.25)
   assert m["reward/mean"] == plain.metrics["reward/mean"]
 
 
@@ -450,12 +497,14 @@ def test_offpolicy_logprobs_unhinted_numerator_hinted_behaviour(replaced, model,
 
 def test_no_all_fail_group_is_bit_identical_to_plain_grpo(sampler, model, tokenizer):
   some_pass = lambda i: Grade("correct" if i % G == 1 else "wrong", "1", "1")
+  # Every group passes by reward, also when its correct row hit the length limit.
+  cfg = _cfg(truncated_is_failure=False)
   key = jax.random.key(5)
   counting = CountingSampler(sampler)
   result = lte.rollout(counting, model[1], tokenizer, PROBLEMS, key=key,
-                       grade_fn=ScriptedGrader(some_pass), cfg=_cfg(), lte_cfg=_lte_cfg())
+                       grade_fn=ScriptedGrader(some_pass), cfg=cfg, lte_cfg=_lte_cfg())
   plain = single_turn.rollout(sampler, model[1], tokenizer, PROBLEMS, key=key,
-                              grade_fn=ScriptedGrader(some_pass), cfg=_cfg())
+                              grade_fn=ScriptedGrader(some_pass), cfg=cfg)
   assert counting.calls == [(4, G)] and result.metrics["lte/hinted_groups"] == 0
   _assert_batches_equal(result.batch, plain.batch)
   adv = lambda b: np.asarray(grpo_advantages(b.reward, b.group_id, len(PROBLEMS)))

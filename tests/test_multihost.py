@@ -2,7 +2,8 @@
 over localhost (gloo collectives) must train exactly like 1 process x 8 devices.
 
 Both runs use the tiny demo config (multi-attempt GRPO) with the same seed and
-run at the same time. Each process of the 2-process run loads, plays and
+run at the same time, with DAPO's overlong shaping on (its penalty was once
+added before the multi-host re-pack and lost there). Each process of the 2-process run loads, plays and
 grades only its own questions; the metrics must still be the single-process
 ones: every host-side metric (rewards, success@k, attempts, ...) exactly, and
 the on-device ones (loss, grad norm) within float32 reduction-order noise.
@@ -20,7 +21,10 @@ STEPS = 2
 FLAGS = [f"--config.train.steps={STEPS}", "--config.sft.steps=40",
          "--config.data.prompts_per_step=8", "--config.rollout.group_size=4",
          "--config.rl.minibatch_size=16", "--config.train.ckpt_every=1",
-         "--config.train.grader_workers=1"]
+         "--config.train.grader_workers=1",
+         # Soft punishment past 30 - 24 = 6 model tokens: every episode that
+         # needed a second attempt is shaped.
+         "--config.rl.overlong_buffer=24"]
 
 
 def _env(devices, **extra):
@@ -65,7 +69,7 @@ def test_metrics_equal_single_process(runs):
   assert [m["step"] for m in multi] == [m["step"] for m in single] == list(range(1, STEPS + 1))
   # Float reductions on device (gloo vs in-process all-reduce order differs).
   device_side = ("approx_kl", "clipfrac", "f_r_", "grad_norm", "logp_mismatch", "loss/",
-                 "policy_loss", "ratio_", "entropy")
+                 "policy_loss", "ratio_", "entropy", "reward/trained_mean")
   compared = 0
   for m, s in zip(multi, single):
     assert set(m) == set(s)
@@ -80,6 +84,15 @@ def test_metrics_equal_single_process(runs):
   assert compared > 20
   # The episodes really happened: feedback turns were injected.
   assert all(m["attempts_used/mean"] > 1 for m in multi)
+
+
+def test_overlong_shaping_reaches_the_update(runs):
+  """The rewards the update trained on include DAPO's overlong penalty, in the
+  2-process run as in the 1-process one (equal to the logged, shaped reward)."""
+  for run in ("multi", "single"):
+    for m in runs[run]:
+      assert m["dapo/overlong_penalty_mean"] < 0, m
+      assert m["reward/trained_mean"] == pytest.approx(m["reward/mean"], abs=1e-6), (run, m)
 
 
 def test_final_params_equal(runs):

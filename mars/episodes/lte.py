@@ -229,6 +229,18 @@ def old_logp_for_loss(batch, recomputed_old_logp):
   return jnp.where(off, jnp.asarray(batch.behaviour_logp), jnp.asarray(recomputed_old_logp))
 
 
+def passing_rows(rows: Sequence[Row], cfg) -> np.ndarray:
+  """[B] bool: the row's reward beats every failure reward of its episode kind
+  (reward_wrong, and reward_no_answer for multi-attempt episodes).
+
+  This reads the same `Row.reward` the advantages read: a correct answer that
+  hit the length limit (reward_wrong under truncated_is_failure) fails, and a
+  later-attempt success shrunk by attempt_discount still passes.
+  """
+  fail = max(float(cfg.reward_wrong), float(cfg.get("reward_no_answer", cfg.reward_wrong)))
+  return np.array([r.reward > fail for r in rows], bool)
+
+
 def group_rng(replace_seed: int, key, group: int) -> np.random.Generator:
   """Per-group generator from (config seed, step key, group): new each step, reproducible."""
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -267,7 +279,9 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   base = run(problems, key=key, num_attempts=num_attempts)
   if not lte_cfg.get("enabled", True):
     return base
-  ok = np.array([m["status"] == "correct" for m in base.meta])
+  # Pass/fail from the rewards the advantages will use, not the grader's status
+  # string, so that a custom reward and LTE's selection cannot disagree.
+  ok = passing_rows(base.rows, cfg)
   truncated = np.array([r.truncated for r in base.rows])
   group_ids = np.array([r.group_id for r in base.rows])
   codes = classify_groups(ok, truncated, group_ids, len(problems))
@@ -301,7 +315,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
               pad_prompts_to=pad_to)
   if placeholder:
     extra = dataclasses.replace(extra, rows=[], meta=[])
-  extra_ok = np.array([m["status"] == "correct" for m in extra.meta])
+  extra_ok = passing_rows(extra.rows, cfg)
   extra_cut = np.array([r.truncated for r in extra.rows])
   extra_groups = np.array([r.group_id for r in extra.rows])
 
