@@ -539,6 +539,32 @@ def test_chunk_mode_chunk_cap(tok):
     run_scripted(tok, scripts, n=2, attempt_end="boxed", max_chunks=3)
 
 
+def test_paper_configs_attempt_semantics(tok):
+  """The multi-attempt config ends an N = 1 attempt at the chunk holding its
+  first box; the single-turn baseline config generates to EOS and grades the
+  last box (the reference's baseline.sh is plain generation)."""
+  from mars import config as mars_config
+  import pathlib
+  configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  script = [[["\\boxed{4}", " word" * 70, " so ", "\\boxed{3}"]]]
+  ids = [[sum((tok.encode(p) for p in att), []) for att in row] for row in script]
+  out = {}
+  for name in ("multi_attempt_1p5b", "ppo_single_turn_1p5b"):
+    c = mars_config.load_config_file(str(configs / f"{name}.py"))
+    cfg = ma.default_config()
+    cfg.update({k: v for k, v in c.episode.items() if k in cfg})
+    calls = []
+    out[name] = ma.rollout(ScriptedSampler(ids, tok), None, tok,
+                           [{"id": 0, "problem": "P", "answer": "3"}], key=jax.random.key(0),
+                           grade_fn=stub_grade(calls), cfg=cfg, num_attempts=1,
+                           single_turn=True), calls
+  (ma_res, ma_calls), (st_res, st_calls) = out["multi_attempt_1p5b"], out["ppo_single_turn_1p5b"]
+  assert ma_calls == [[tok.decode(ids[0][0][:64])]] and ma_res.meta[0]["status"] == "wrong_exhausted"
+  np.testing.assert_array_equal(st_res.rows[0].response, ids[0][0] + [tok.im_end_id])
+  assert st_calls == [[tok.decode(ids[0][0])]] and st_res.meta[0]["status"] == "correct"
+  assert tok.decode(st_res.rows[0].prompt) == prompts.single_turn_prompt("P")
+
+
 # ---- Both modes: the transcript is what the chat template renders.
 
 TEMPLATE_CASES = {
