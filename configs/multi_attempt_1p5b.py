@@ -56,7 +56,8 @@ replay_buffer.py and experience_maker.py, models/model.py, utils/deepspeed.py.
                   both runs with k attempts calls vllm_mul.py, whose eval goes
                   through MulLLM.generate with the answers (eval/meval/
                   math_eval.py:325-327). ppo_single_turn_1p5b.py inherits it, so
-                  the two runs are scored alike
+                  both runs' eval attempts end alike (each with its own run's
+                  token budget, 3264 and 3000; the README's eval used 8000, mul:300)
 
 Not mapped: prompt_max_len 1024 (sh:33). This path never truncates prompts
 (mul:128 formats the raw question); the number only sizes vLLM's context at
