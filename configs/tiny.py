@@ -41,6 +41,12 @@ cores; the README's demo section has the figures):
   episode.chunk_tokens = 6, budget = 30: an attempt ("The answer is \\boxed{7}")
       is 6 tokens, so one chunk is one attempt and nothing is sampled and
       rewound; 4 attempts fit in 30 tokens, keeping packed rows at 160-192 columns.
+  episode.attempt_end = boxed (the exact cut; the paper configs use the
+      reference's "chunk"): every figure below was measured with it. With one
+      chunk per attempt the two differ only when the model writes tokens after
+      its box within the chunk (chunk mode keeps them and grades the last box;
+      the exact cut drops them); switching would need the recorded runs
+      redone (~10 min each on 2 cores), not just relabelled.
   episode.min_attempts = 2 (max 4): an episode with N = 1 has no feedback turn,
       so it carries no signal about using feedback.
   actor_optim: lr 2e-3, 10 warmup updates, clip 0.5: the tiny model barely

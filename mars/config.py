@@ -53,9 +53,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.episode.kind = "single_turn"  # single_turn | multi_attempt
   c.episode.min_attempts = 1
   c.episode.max_attempts = 5
-  c.episode.chunk_tokens = 64
+  c.episode.chunk_tokens = 64     # tokens generated between two host checks
   c.episode.budget = 3000         # generated tokens shared by all attempts
-  c.episode.attempt_end = "boxed"  # boxed | eos
+  # When an attempt ends (mars/episodes/attempts.py has the details):
+  #   boxed: the exact cut, right after the first complete \boxed{} (tokens
+  #          sampled after it are rewound); a stop token before any box too.
+  #   chunk: the reference (DualityRL/multi-attempt duality/vllm_mul.py): at the
+  #          end of the first chunk_tokens chunk (counted from the attempt's
+  #          start) whose text's last box is complete; the rest of that chunk
+  #          is kept and the last box graded; the model's stop token before a
+  #          feedback turn is replaced by the feedback's <|im_end|>.
+  #   eos:   at the model's end of turn only (with N = 1: generate to EOS, the
+  #          reference's single-turn baseline); the last box graded.
+  # Every mode ends an attempt at the budget, and grades the attempt's last box.
+  c.episode.attempt_end = "boxed"
+  # chunk mode only: chunks an episode may use, an attempt's last partial chunk
+  # counting whole (the reference's num_iteration); 0 = no cap (budget only).
+  c.episode.max_chunks = 0
   c.episode.reward_correct = 1.0
   c.episode.reward_wrong = -0.5
   c.episode.reward_no_answer = -1.0
@@ -180,6 +194,22 @@ def validate(c, num_devices: int = None) -> None:
                       f"episode.min_attempts={c.episode.min_attempts}.")
   if c.episode.min_attempts < 1:
     raise ConfigError(f"episode.min_attempts must be >= 1, got {c.episode.min_attempts}.")
+  from mars.episodes.attempts import ATTEMPT_ENDS
+  if c.episode.attempt_end not in ATTEMPT_ENDS:
+    raise ConfigError(f"Unknown episode.attempt_end {c.episode.attempt_end!r}; choose one of "
+                      f"{ATTEMPT_ENDS}.")
+  for name in ("chunk_tokens", "budget"):
+    if c.episode[name] < 1:
+      raise ConfigError(f"episode.{name} must be >= 1, got {c.episode[name]}.")
+  if c.episode.max_chunks < 0:
+    raise ConfigError(f"episode.max_chunks must be >= 0 (0 = no cap), got {c.episode.max_chunks}.")
+  if c.episode.max_chunks and c.episode.attempt_end != "chunk":
+    raise ConfigError(f"episode.max_chunks={c.episode.max_chunks} caps chunk-mode episodes only; "
+                      f"set it to 0 with attempt_end={c.episode.attempt_end!r}.")
+  # config.eval may override the eval's attempt_end (mars.evaluate.trainer_eval_config).
+  if c.eval.get("attempt_end", ATTEMPT_ENDS[0]) not in ATTEMPT_ENDS:
+    raise ConfigError(f"Unknown eval.attempt_end {c.eval.attempt_end!r}; choose one of "
+                      f"{ATTEMPT_ENDS}.")
   if c.lte.enabled and c.algorithm == "ppo":
     raise ConfigError("LTE works over GRPO groups: set algorithm='grpo' (or 'dapo') with lte.")
   for name in ("actor_optim", "critic_optim"):

@@ -67,6 +67,11 @@ def test_tiny_config_validates():
     (dict(actor_optim=dict(total_steps=3)),
      r"actor_optim: a cosine schedule needs total_steps - delay_steps > warmup_steps; got 3 - 0"),
     (dict(critic_optim=dict(schedule="linear")), "Unknown critic_optim.schedule 'linear'"),
+    (dict(episode=dict(attempt_end="box")), "Unknown episode.attempt_end 'box'"),
+    (dict(episode=dict(max_chunks=51)), "episode.max_chunks=51 caps chunk-mode episodes only"),
+    (dict(episode=dict(attempt_end="chunk", max_chunks=-1)), "episode.max_chunks must be >= 0"),
+    (dict(episode=dict(chunk_tokens=0)), "episode.chunk_tokens must be >= 1"),
+    (dict(eval=dict(attempt_end="first")), "Unknown eval.attempt_end 'first'"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
   c = load("tiny")

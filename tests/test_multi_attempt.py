@@ -123,6 +123,75 @@ def test_decide_branches():
     rules.decide(ep4, _end("boxed", "3"), "correct", budget_left=1)
 
 
+def test_final_box_is_the_complete_last_box():
+  assert rules.final_box("\\boxed{1} or \\boxed{2}.") == "2"
+  # The last opener is still open: no answer yet, though an earlier box is complete.
+  assert rules.final_box("\\boxed{1} or \\boxed{") is None
+  assert rules.final_box("\\boxed{1} or \\boxed{\\frac{2}{3}") is None
+  assert rules.final_box("\\boxed{1} or \\boxed{\\frac{2}{3}}") == "\\frac{2}{3}"
+  assert rules.final_box("\\boxed{\\{1\\}} x") == "\\{1\\}"  # literal braces open nothing
+  assert rules.final_box("\\boxed{1} or \\boxed 4") is None     # may still grow to 42
+  assert rules.final_box("\\boxed{1} or \\boxed 4$") == "4"
+  assert rules.final_box("no box") is None
+
+
+def test_find_chunk_end_hand_worked():
+  # One character per token, chunks of 4 counted from the attempt's start.
+  kw = dict(decode=_decode_chars, chunk_tokens=4, stop_ids={7, 8}, im_end_id=7)
+  text = "ab\\boxed{1}cdefgh"  # the box closes at character 11
+  end = rules.find_chunk_end(_ids(text), done=False, scanned=0, chunks_left=None, **kw)
+  assert (end.reason, end.keep, end.text, end.answer, end.chunks) == (
+      "boxed", 12, "ab\\boxed{1}c", "1", 3)  # the rest of the 3rd chunk ("c") is kept
+  assert not end.strip_stop and not end.turn_closed
+  # Chunk ends already checked (<= scanned) are not checked again.
+  later = rules.find_chunk_end(_ids(text), done=False, scanned=12, chunks_left=None, **kw)
+  assert (later.keep, later.text) == (16, "ab\\boxed{1}cdefg")
+  # Two boxes in one chunk (of 20): the last one is the answer.
+  two = rules.find_chunk_end(_ids("\\boxed{1}\\boxed{2}xyz"), done=False, scanned=0,
+                             chunks_left=None, **dict(kw, chunk_tokens=20))
+  assert (two.keep, two.text, two.answer) == (20, "\\boxed{1}\\boxed{2}xy", "2")
+  # Chunks of 18: at 18 the text ends "\boxed{2", the last box still open, so
+  # the earlier complete box is no answer yet; at 36 the last box is "22".
+  late = rules.find_chunk_end(_ids("a\\boxed{1}\\boxed{22}" + "x" * 20), done=False, scanned=0,
+                              chunks_left=None, **dict(kw, chunk_tokens=18))
+  assert (late.keep, late.answer, late.chunks) == (36, "22", 2)
+  assert rules.find_chunk_end(_ids("ab\\boxed{1"), done=False, scanned=0, chunks_left=None,
+                              **kw) is None
+  # A stop token inside a chunk ends the attempt; the partial chunk is checked
+  # and counted; the stop token is marked for replacement by a feedback turn.
+  stop = rules.find_chunk_end(_ids("ab\\boxed{1}") + [7], done=True, scanned=8,
+                              chunks_left=None, **kw)
+  assert (stop.reason, stop.keep, stop.answer, stop.chunks) == ("boxed", 12, "1", 3)
+  assert stop.strip_stop and stop.turn_closed
+  eos = rules.find_chunk_end(_ids("abc") + [8], done=True, scanned=0, chunks_left=None, **kw)
+  assert (eos.reason, eos.keep, eos.answer, eos.chunks) == ("eos", 4, None, 1)
+  assert eos.strip_stop and not eos.turn_closed  # <|endoftext|> is a stop, not <|im_end|>
+  # An open last box at the stop is no answer (the reference finds none either).
+  # (scanned=16: the chunk ends before it were checked, as the driver would have.)
+  open_box = rules.find_chunk_end(_ids("\\boxed{1}\\boxed{") + [7], done=True, scanned=16,
+                                  chunks_left=None, **kw)
+  assert (open_box.reason, open_box.keep, open_box.answer) == ("eos", 17, None)
+  # The chunk cap: 2 chunks left end a box-less attempt at token 8, whatever was sampled.
+  cap = rules.find_chunk_end(_ids("abcdefghij"), done=False, scanned=4, chunks_left=2, **kw)
+  assert (cap.reason, cap.keep, cap.answer, cap.chunks) == ("budget", 8, None, 2)
+  at_cap = rules.find_chunk_end(_ids("ab\\boxed{1}xyz"), done=False, scanned=0, chunks_left=3,
+                                **kw)
+  assert (at_cap.reason, at_cap.keep) == ("boxed", 12)
+  budget = rules.find_chunk_end(_ids("abcdef"), done=True, scanned=4, chunks_left=None, **kw)
+  assert (budget.reason, budget.keep) == ("budget", 6)
+  # The other modes ignore the chunk settings.
+  assert rules.find_attempt_end(_ids(text), done=False, scanned=0, attempt_end="boxed",
+                                chunk_tokens=4, chunks_left=1, **{k: kw[k] for k in (
+                                    "decode", "stop_ids", "im_end_id")}).keep == 11
+
+
+def test_decide_strip_stop_closes_the_turn():
+  stripped = rules.AttemptEnd("eos", 3, "x", None, turn_closed=True, strip_stop=True, chunks=1)
+  ep, act = rules.decide(rules.new_episode(2), stripped, "no_answer", budget_left=10)
+  assert act == rules.Action("feedback", 1, close_assistant=True) and ep.chunks == 1
+  assert act.feedback_text.startswith("<|im_end|>\n<|im_start|>system\n")
+
+
 def test_episode_reward_and_discount():
   cfg = cfg_with(attempt_discount=0.5)
   correct = rules.Episode(3, 1, status="correct", success_attempt=3,
@@ -401,6 +470,145 @@ def test_eos_mode_grades_last_box_at_end_of_turn(tok):
   _check(res, 0, status="correct", reward=1.0, success=2, used=2)
 
 
+# ---- "chunk" mode: the reference's semantics (DualityRL/multi-attempt vllm_mul.py).
+
+def test_chunk_mode_keeps_rest_of_chunk_and_grades_last_box(tok):
+  # Chunks of 6 tokens, counted from each attempt's start. Attempt 1: "I think "
+  # (3 tokens) + "\boxed{4}" (5) closes at token 8, so it ends at 12 with 4 of
+  # the " word"s. Attempt 2: "No: " (3) "\boxed{4}" (5) " or " (2) "\boxed{3}" (5):
+  # at 12 the text ends "... or \boxed", a last box still being written, so it
+  # runs on to 18 (3 " word"s) and the last box, 3, is graded (the first, 4, is
+  # wrong). Its first chunk also carried the 26 forced feedback tokens, so
+  # columns-based chunk ends would cut elsewhere.
+  scripts = [[["I think ", "\\boxed{4}", " word" * 20],
+              ["No: ", "\\boxed{4}", " or ", "\\boxed{3}", " word" * 10]]]
+  res, calls = run_scripted(tok, scripts, n=2, chunk_tokens=6, attempt_end="chunk")
+  assert len(tok.encode(prompts.feedback_turn(1, close_assistant=True))) % 6 != 0
+  assert calls == [["I think \\boxed{4} word word word word"],
+                   ["No: \\boxed{4} or \\boxed{3} word word word"]]
+  assert_row(tok, res, 0, [model(tok, "I think ", "\\boxed{4}", " word" * 4),
+                           feedback(tok, 1, closed=False),
+                           model(tok, "No: ", "\\boxed{4}", " or ", "\\boxed{3}", " word" * 3)],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 2))
+  _check(res, 0, status="correct", reward=1.0, success=2, used=2)
+  assert res.meta[0]["answers"] == ["4", "3"] and res.meta[0]["attempt_ends"] == ["boxed"] * 2
+  # The exact cut on the same model output: both attempts end at their first box.
+  exact, calls = run_scripted(tok, scripts, n=2, chunk_tokens=6, attempt_end="boxed")
+  assert calls == [["I think \\boxed{4}"], ["No: \\boxed{4}"]]
+  _check(exact, 0, status="wrong_exhausted", reward=-0.5, success=0, used=2)
+
+
+def test_chunk_mode_strips_stop_token_before_feedback(tok):
+  # Row 0 stops (<|im_end|>) without a box; row 1 boxes then stops with
+  # <|endoftext|>. Either stop token is dropped and the feedback turn's own
+  # <|im_end|> closes the assistant turn; the last attempt keeps its <|im_end|>.
+  scripts = [[["hmm"], ["\\boxed{3}"]], [["\\boxed{4}", "<|endoftext|>"], ["\\boxed{3}"]]]
+  res, calls = run_scripted(tok, scripts, answers=("3", "3"), n=2, chunk_tokens=64,
+                            attempt_end="chunk")
+  assert calls == [["\\boxed{4}"], ["\\boxed{3}", "\\boxed{3}"]]
+  for b, first in enumerate(["hmm", "\\boxed{4}"]):
+    assert_row(tok, res, b, [model(tok, first), feedback(tok, 1, closed=False),
+                             model(tok, "\\boxed{3}", stop=True)],
+               prompt_text=prompts.multi_attempt_prompt(f"Problem {b}?", 2))
+    _check(res, b, status="correct", reward=1.0, success=2, used=2)
+    response = res.rows[b].response.tolist()
+    assert response.count(tok.im_end_id) == 3 and tok.pad_id not in response
+    assert tok.decode(response).startswith(first + "<|im_end|>\n<|im_start|>system\n")
+  assert [m["attempt_ends"] for m in res.meta] == [["eos", "boxed"], ["boxed", "boxed"]]
+
+
+def test_chunk_mode_chunk_cap(tok):
+  # Chunks of 4, at most 3 per episode. Attempt 1 "\boxed{4}" + <|im_end|> is 6
+  # tokens: 2 chunks, the second partial. Attempt 2 gets the 1 chunk left:
+  # 4 " word"s, no box, so the episode ends there ("budget") at -0.5, as the
+  # reference's loop ends after num_iteration rounds.
+  scripts = [[["\\boxed{4}"], [" word" * 10]]]
+  res, _ = run_scripted(tok, scripts, n=2, chunk_tokens=4, attempt_end="chunk", max_chunks=3,
+                        budget=12)
+  assert_row(tok, res, 0, [model(tok, "\\boxed{4}"), feedback(tok, 1, closed=False),
+                           model(tok, " word" * 4)],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 2))
+  _check(res, 0, status="budget", reward=-0.5, success=0, used=2, truncated=True)
+  # With 2 chunks the first attempt uses them all: no room for a second one.
+  res, _ = run_scripted(tok, scripts, n=2, chunk_tokens=4, attempt_end="chunk", max_chunks=2,
+                        budget=12)
+  assert_row(tok, res, 0, [model(tok, "\\boxed{4}", stop=True)],
+             prompt_text=prompts.multi_attempt_prompt("Problem 0?", 2))
+  _check(res, 0, status="budget", reward=-0.5, success=0, used=1, truncated=True)
+  with pytest.raises(ValueError, match="max_chunks"):
+    run_scripted(tok, scripts, n=2, attempt_end="boxed", max_chunks=3)
+
+
+def test_paper_configs_attempt_semantics(tok):
+  """The multi-attempt config ends an N = 1 attempt at the chunk holding its
+  first box; the single-turn baseline config generates to EOS and grades the
+  last box (the reference's baseline.sh is plain generation)."""
+  from mars import config as mars_config
+  import pathlib
+  configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+  script = [[["\\boxed{4}", " word" * 70, " so ", "\\boxed{3}"]]]
+  ids = [[sum((tok.encode(p) for p in att), []) for att in row] for row in script]
+  out = {}
+  for name in ("multi_attempt_1p5b", "ppo_single_turn_1p5b"):
+    c = mars_config.load_config_file(str(configs / f"{name}.py"))
+    cfg = ma.default_config()
+    cfg.update({k: v for k, v in c.episode.items() if k in cfg})
+    calls = []
+    out[name] = ma.rollout(ScriptedSampler(ids, tok), None, tok,
+                           [{"id": 0, "problem": "P", "answer": "3"}], key=jax.random.key(0),
+                           grade_fn=stub_grade(calls), cfg=cfg, num_attempts=1,
+                           single_turn=True), calls
+  (ma_res, ma_calls), (st_res, st_calls) = out["multi_attempt_1p5b"], out["ppo_single_turn_1p5b"]
+  assert ma_calls == [[tok.decode(ids[0][0][:64])]] and ma_res.meta[0]["status"] == "wrong_exhausted"
+  np.testing.assert_array_equal(st_res.rows[0].response, ids[0][0] + [tok.im_end_id])
+  assert st_calls == [[tok.decode(ids[0][0])]] and st_res.meta[0]["status"] == "correct"
+  assert tok.decode(st_res.rows[0].prompt) == prompts.single_turn_prompt("P")
+
+
+# ---- Both modes: the transcript is what the chat template renders.
+
+TEMPLATE_CASES = {
+    # name: (attempt_end, chunk_tokens, attempt 1 script, attempt 2 script,
+    #        expected attempt 1 text, expected attempt 2 text, attempt 2 closed by <|im_end|>)
+    # Chunks of 8: "I think \boxed{4}" is 7 tokens, so 1 " word" stays with each.
+    "chunk/cut_mid_stream": ("chunk", 8, "I think \\boxed{4} word word word word word word",
+                             "No: \\boxed{3} word word word word word word",
+                             "I think \\boxed{4} word", "No: \\boxed{3} word", False),
+    "chunk/model_im_end": ("chunk", 64, "hmm", "\\boxed{3}", "hmm", "\\boxed{3}", True),
+    "chunk/model_endoftext": ("chunk", 64, "\\boxed{4}<|endoftext|>", "\\boxed{3}", "\\boxed{4}",
+                              "\\boxed{3}", True),
+    "boxed/cut_at_box": ("boxed", 64, "I think \\boxed{4} word word", "\\boxed{3} so",
+                         "I think \\boxed{4}", "\\boxed{3}", False),
+    # The exact cut ends attempt 2 at its box, before the script's <|im_end|>.
+    "boxed/model_im_end": ("boxed", 64, "hmm", "\\boxed{3}", "hmm", "\\boxed{3}", False),
+    "eos/model_im_end": ("eos", 4, "\\boxed{4} wait", "\\boxed{3}", "\\boxed{4} wait", "\\boxed{3}",
+                         True),
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATE_CASES))
+def test_episode_tokens_equal_chat_template(tok, case):
+  """prompt + attempt 1 + feedback turn + attempt 2, token for token, equals the
+  real Qwen2.5-Math tokenizer's apply_chat_template of the same conversation.
+  (A script that runs out emits <|im_end|>, as a model ending its turn.)"""
+  mode, chunk, script1, script2, text1, text2, closed = TEMPLATE_CASES[case]
+  res, _ = run_scripted(tok, [[[script1], [script2]]], n=2, chunk_tokens=chunk,
+                        attempt_end=mode)
+  assert [m["status"] for m in res.meta] == ["correct"]
+  messages = [{"role": "system", "content": prompts.multi_attempt_system(2)},
+              {"role": "user", "content": "Problem 0?"},
+              {"role": "assistant", "content": text1},
+              {"role": "system", "content": prompts.feedback_message(1)},
+              {"role": "assistant", "content": text2}]
+  template = tok.hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+  # The template closes the last turn with "<|im_end|>\n"; an episode ends at
+  # the model's <|im_end|> (no "\n" after it), or mid-turn when it was cut.
+  tail = [tok.im_end_id] + tok.encode("\n") if not closed else tok.encode("\n")
+  assert template[-len(tail):] == tail
+  row = res.rows[0]
+  assert row.prompt.tolist() + row.response.tolist() == template[:-len(tail)]
+
+
 def test_groups_per_episode_n_and_chunk_invariance(tok):
   scripts = [[["\\boxed{1}", " tail"], ["\\boxed{3}"]], [["\\boxed{3}"]],
              [["x"], ["\\boxed{1}"]], [["\\boxed{1}"], ["y ", "\\boxed{2}"], ["\\boxed{3}"]]]
@@ -544,18 +752,24 @@ PROBLEMS = [{"id": "one", "problem": "What is 0+1?", "answer": "1"},
             {"id": "two", "problem": "What is 1+1?", "answer": "2"}]
 
 
-def test_tiny_model_end_to_end(tok, bigram_model):
+@pytest.mark.parametrize("mode", ["boxed", "chunk"])
+def test_tiny_model_end_to_end(tok, bigram_model, mode):
   # "boxed" mode covers every engine path: rewinds after a box, feedback that
   # closes the turn, and feedback after the model's own <|im_end|> (no box).
+  # "chunk" mode rewinds tokens sampled past an attempt's chunk end (its first
+  # chunk after feedback is shorter) and the stop token before every feedback.
   model_cfg, params = bigram_model
   sampler = Recorder(Sampler(model_cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id))
-  cfg = cfg_with(budget=40, chunk_tokens=8, max_attempts=3)
+  cfg = cfg_with(budget=40, chunk_tokens=8, max_attempts=3, attempt_end=mode,
+                 max_chunks=5 if mode == "chunk" else 0)
   calls = []
-  res = ma.rollout(sampler, params, tok, PROBLEMS, key=jax.random.key(1),
+  # (Key 2 in chunk mode also runs an episode into the chunk cap.)
+  res = ma.rollout(sampler, params, tok, PROBLEMS, key=jax.random.key(1 if mode == "boxed" else 2),
                    grade_fn=stub_grade(calls), cfg=cfg, num_attempts=3, group_size=4)
   assert 0 < len(calls) <= len(sampler.states)  # at most one grader call per chunk
   statuses = [m["status"] for m in res.meta]
   assert "correct" in statuses and "wrong_exhausted" in statuses
+  assert mode == "boxed" or "budget" in statuses
   ends = {e for m in res.meta for e in m["attempt_ends"][:-1]}
   assert ends == {"boxed", "eos"}  # feedback followed both kinds of attempt end
   P = prompt_columns(res.batch)
@@ -572,13 +786,20 @@ def test_tiny_model_end_to_end(tok, bigram_model):
     assert len(model_runs) == m["attempts_used"] == len(feedback_runs) + 1
     for j, fb in enumerate(feedback_runs):  # the injected text decodes exactly
       closed = model_runs[j][-1] == tok.im_end_id
+      assert not (mode == "chunk" and closed)  # the stop token was replaced
       assert tok.decode(fb) == prompts.feedback_turn(3 - (j + 1), close_assistant=not closed)
     for j, ids in enumerate(model_runs):
       text = tok.decode(ids, skip_special_tokens=True)
-      assert extract_boxed(text) == m["answers"][j]
-      if m["attempt_ends"][j] == "boxed":  # cut exactly at the box-closing token
+      answer = rules.final_box(text) if mode == "chunk" else extract_boxed(text)
+      assert answer == m["answers"][j]
+      if mode == "boxed" and m["attempt_ends"][j] == "boxed":  # cut exactly at the box
         assert rules.has_settled_box(text)
         assert not rules.has_settled_box(tok.decode(ids[:-1], skip_special_tokens=True))
+      if mode == "chunk":  # no earlier chunk end of the attempt had a complete last box
+        for k in range(8, len(ids), 8):
+          assert rules.final_box(tok.decode(ids[:k], skip_special_tokens=True)) is None
+        if m["attempt_ends"][j] == "boxed" and j == len(model_runs) - 1:
+          assert len(ids) % 8 == 0 or ids[-1] == tok.im_end_id  # chunk end or the model's stop
     assert m["reward"] == {"correct": 1.0}.get(m["status"], -0.5 if any(
         a is not None for a in m["answers"]) else -1.0)
   # The KV cache after forced feedback and rewinds equals a fresh prefill of the transcript.

@@ -9,8 +9,20 @@ single-turn baseline: `single_turn=True`, the plain prompt and N = 1). The
 sampler generates `cfg.chunk_tokens` tokens at a time; after each chunk the
 host reads only the new columns, finds attempts that ended
 (`attempts.check_chunk`), grades them in one `grade_fn` call, and applies
-`attempts.decide`: rewind the tokens written after a box, force the feedback
-turn (no re-prefill), or finish the row. Rules live in `attempts.py`.
+`attempts.decide`: rewind the tokens written after the attempt's end, force
+the feedback turn (no re-prefill), or finish the row. Rules live in
+`attempts.py`; `cfg.attempt_end` picks when an attempt ends:
+  "boxed"  right after its first complete \\boxed{} (the exact cut; tail rewound)
+  "chunk"  the reference (DualityRL/multi-attempt, duality/vllm_mul.py): at the
+           end of the chunk (counted from the attempt's start) in which its last
+           box is complete, the rest of the chunk kept and the last box graded;
+           the model's stop token before a feedback turn is replaced by the
+           feedback's <|im_end|>; `cfg.max_chunks` caps the chunks per episode
+  "eos"    at the model's end of turn; the last box graded (with N = 1: the
+           reference's single-turn baseline, which generates to EOS)
+Whatever the mode, a feedback turn follows exactly one <|im_end|> closing the
+assistant turn, so the transcript renders as the Qwen chat template would
+(tests/test_multi_attempt.py checks it against apply_chat_template).
 
 Rows are group-major (G = group_size episodes per question, group_id = the
 question's index). The response of a row is its model tokens and the injected
@@ -42,7 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
       max_attempts=5,
       chunk_tokens=64,         # tokens generated between two host checks
       budget=3000,             # sampled tokens shared by all attempts of an episode
-      attempt_end="boxed",     # boxed: first complete \boxed{} | eos: end of the model's turn
+      # When an attempt ends: boxed = right after its first complete \boxed{} |
+      # chunk = the reference: end of the chunk holding a complete last box |
+      # eos = end of the model's turn. See the module docstring.
+      attempt_end="boxed",
+      max_chunks=0,            # chunk mode: chunks an episode may use (0 = no cap)
       reward_correct=1.0,      # some attempt correct (times attempt_discount^(k-1))
       reward_wrong=-0.5,       # a boxed answer was given, none correct
       reward_no_answer=-1.0,   # no attempt ever gave a complete box
@@ -71,6 +87,10 @@ def validate_config(cfg) -> None:
   for name in ("chunk_tokens", "budget"):
     if int(_get(cfg, name)) < 1:
       raise ValueError(f"episode.{name} must be >= 1, got {_get(cfg, name)}.")
+  max_chunks = int(_get(cfg, "max_chunks"))
+  if max_chunks < 0 or (max_chunks and _get(cfg, "attempt_end") != "chunk"):
+    raise ValueError(f"episode.max_chunks={max_chunks}: must be >= 0, and > 0 only with "
+                     "attempt_end='chunk'.")
 
 
 def draw_num_attempts(rng: np.random.Generator, batch: int, cfg) -> np.ndarray:
@@ -238,13 +258,15 @@ def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *
   stop_ids = frozenset(int(t) for t in sampler.stop_ids)
   feedback_ids = functools.lru_cache(None)(lambda text: list(tokenizer.encode(text)))
   sampling, budget = SamplingParams.from_config(cfg), int(_get(cfg, "budget"))
+  chunk, max_chunks = int(_get(cfg, "chunk_tokens")), int(_get(cfg, "max_chunks"))
   while distributed.any_process(not all(ep.done for ep in episodes)):
-    state = sampler.run(params, state, int(_get(cfg, "chunk_tokens")), sampling)
+    state = sampler.run(params, state, chunk, sampling)
     done = view.pull(state)
     spans = [view.attempt(b) if not ep.done else ([], []) for b, ep in enumerate(episodes)]
     ends = rules.check_chunk(episodes, [t for t, _ in spans], done, decode=decode,
                              attempt_end=_get(cfg, "attempt_end"), stop_ids=stop_ids,
-                             im_end_id=tokenizer.im_end_id)
+                             im_end_id=tokenizer.im_end_id, chunk_tokens=chunk,
+                             max_chunks=max_chunks)
     statuses = _grade(ends, answers, grade_fn)
     rewinds, forced, finished = {}, {}, []
     for b, end in enumerate(ends):
@@ -254,14 +276,18 @@ def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *
         episodes[b] = rules.mark_scanned(episodes[b], len(spans[b][0]))
         continue
       cols = spans[b][1]
-      if end.keep < len(cols):
-        rewinds[b] = int(cols[end.keep])
       budget_left = budget - (view.num_generated(b) - (len(cols) - end.keep))
+      if max_chunks:
+        budget_left = min(budget_left, (max_chunks - episodes[b].chunks - end.chunks) * chunk)
       episodes[b], action = rules.decide(episodes[b], end, statuses[b], budget_left=budget_left)
+      keep = end.keep
       if action.kind == "feedback":
+        keep -= int(end.strip_stop)  # the feedback's <|im_end|> replaces the model's stop token
         forced[b] = feedback_ids(action.feedback_text)
       else:
         finished.append(b)
+      if keep < len(cols):
+        rewinds[b] = int(cols[keep])
     state = sampler.rewind(state, rewinds)
     view.rewind(rewinds)
     state = sampler.force(state, forced)
