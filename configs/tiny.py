@@ -54,7 +54,7 @@ cores; the README's demo section has the figures):
       steps (Adam's first steps are sign-like and hit every weight at once).
   rl.kl_coef = 0, ppo_epochs = 1: on-policy GRPO without a reference model.
   rl.recompute_old_logp = False: the sampler's logprob is the old logprob. On
-      CPU in fp32 it equals the trainer's recompute (logp_mismatch/max stayed
+      CPU in fp32 it equals the trainer's recompute (logp_mismatch/on_policy_max stayed
       under 1.5e-5 over a run), and skipping the pass saves 0.44 s a step.
   actor_optim.schedule = cosine (to 0.1× lr): measured at 140 steps with GRPO
       (seed 0), greedy accuracy with 3 / 4 attempts was 0.91 / 0.94 against

@@ -105,10 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.ppo_epochs = 1
   c.rl.minibatch_size = 0         # rows per optimizer update; 0 = the whole rollout batch
   c.rl.micro_batch_size = 0       # rows per gradient-accumulation step; 0 = minibatch
-  # PPO's old_logp: a trainer forward pass over the rollout (True: the usual
-  # choice, immune to sampler/trainer numerics such as bf16 decode kernels) or
-  # the sampler's own logprob of the same params (False: one forward pass less
-  # per step; logp_mismatch/max is then not measured).
+  # PPO's old_logp, and LTE's behaviour logp of its hinted replacements (under
+  # the hinted prompt): a trainer forward pass (True, as verl does: the
+  # sampler's numerics, bf16 decode and other kernels, differ from the
+  # trainer's and would bias the ratio) or the sampler's own logprobs (False:
+  # a forward pass less per step; logp_mismatch/* is then not measured).
   c.rl.recompute_old_logp = True
   c.rl.dynamic_sampling = False   # DAPO: drop all-equal groups, resample until full
   c.rl.max_resample_rounds = 3

@@ -7,6 +7,7 @@ its own rows in a multi-host run). Each value records how it combines:
     m.mean("reward/mean", rewards)             # weighted by len(rewards)
     m.ratio("attempts/repeat_frac", rep, later)  # sum(num) / sum(den)
     m.total("lte/hinted_groups", 3)             # summed over processes
+    m.max("logp_mismatch/hinted_max", gaps)     # largest over processes (0 if none)
 
 `reduce(m)` gives the global values: one all-gather of (weighted value,
 weight) pairs per step, then exact float64 sums. Plain entries (timings,
@@ -24,6 +25,7 @@ import numpy as np
 from mars import distributed
 
 _TOTAL = -1.0  # weight marker: summed, not averaged
+_MAX = -2.0    # weight marker: the largest value over processes
 
 
 class Metrics(dict):
@@ -49,6 +51,12 @@ class Metrics(dict):
     self.weights[name] = _TOTAL
     return self
 
+  def max(self, name: str, values) -> "Metrics":
+    values = np.asarray(values, np.float64).ravel()
+    self[name] = float(values.max()) if values.size else 0.0
+    self.weights[name] = _MAX
+    return self
+
 
 def merge(*dicts) -> Metrics:
   """Later dicts win, as in {**a, **b}; combine rules travel with their values."""
@@ -64,13 +72,14 @@ def merge(*dicts) -> Metrics:
 
 def local_table(metrics: Metrics):
   """(names, [1 + M, 2] float64 table) this process sends: a checksum row of
-  the sorted names, then (value x weight, weight) per name (value, -1 for totals)."""
+  the sorted names, then (value x weight, weight) per name (value and a marker
+weight for totals and maxima)."""
   names = sorted(metrics.weights)
   check = float(zlib.crc32("\n".join(names).encode()))
   rows = [[check, float(len(names))]]
   for n in names:
     w = metrics.weights[n]
-    rows.append([metrics[n] * (1.0 if w == _TOTAL else w), w])
+    rows.append([metrics[n] * (1.0 if w in (_TOTAL, _MAX) else w), w])
   return names, np.array(rows, np.float64)
 
 
@@ -91,6 +100,8 @@ def reduce(metrics) -> dict:
     value, weight = gathered[:, i, 0], gathered[:, i, 1]
     if metrics.weights[name] == _TOTAL:
       out[name] = float(value.sum())
+    elif metrics.weights[name] == _MAX:
+      out[name] = float(value.max())
     else:
       den = weight.sum()
       out[name] = float(value.sum() / den) if den else 0.0

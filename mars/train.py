@@ -331,7 +331,9 @@ def rollout(run: Run, problems, key, params):
   compute-dtype copy of the policy (Sampler.rollout_params), made once per step."""
   c = run.config
   common = dict(key=key, grade_fn=run.grade_fn)
-  lte_common = dict(group_offset=_local_prompts(run, len(problems)).start)
+  lte_common = dict(group_offset=_local_prompts(run, len(problems)).start,
+                    rescore_fn=(functools.partial(rescore_responses, run)
+                                if c.rl.recompute_old_logp else None))
   if c.episode.kind == "multi_attempt":
     from mars.episodes import multi_attempt
     cfg = episode_cfg(c)
@@ -358,6 +360,39 @@ def rollout(run: Run, problems, key, params):
   from mars.episodes import single_turn
   return single_turn.rollout(run.sampler, params, run.tokenizer, problems,
                              cfg=c.rollout, **common)
+
+
+def rescore_responses(run: Run, rows) -> list:
+  """The trainer's logp of each row's response under the row's own prompt.
+
+  Used for LTE's behaviour logp: the same forward (fp32 masters, compute
+  dtype, micro-batches) as the old-logp recompute, so the off-policy ratio's
+  numerator and denominator share their numerics. Collective in a multi-host
+  run: every process calls it with its own rows (possibly none); the rows are
+  padded to one shape and a row count that the micro-batch and mesh divide.
+  """
+  c = run.config
+  n_local, P, R = distributed.agree_max(len(rows), max([len(r.prompt) for r in rows] or [1]),
+                                        max([len(r.response) for r in rows] or [1]))
+  if n_local == 0:
+    return []
+  processes = run.pipeline.process_count
+  shard = max(c.rl.micro_batch_size or 1,
+              sharding.mesh_axis_size(run.mesh, sharding.LOGICAL_RULES["batch"]))
+  shard = -(-shard // processes)  # rows per process in one micro-batch (or mesh shard)
+  padded = -(-n_local // shard) * shard
+  filler = packing.Row(prompt=[run.tokenizer.pad_id], response=[run.tokenizer.pad_id],
+                       is_model=[False], behaviour_logp=[0.0])
+  host = packing.pack(list(rows) + [filler] * (padded - len(rows)), run.tokenizer.pad_id,
+                      prompt_len=P, total_len=packing.total_length(P, R))
+  batch = jax.tree.map(distributed.global_array_from_local, host,
+                       step_lib.batch_shardings(run.mesh))
+  micro = c.rl.micro_batch_size or None
+  logp = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
+                                   micro_batch_size=micro if micro and
+                                   batch.tokens.shape[0] % micro == 0 else None, mesh=run.mesh)
+  local = distributed.host_local(logp)
+  return [local[i, P:P + len(r.response)] for i, r in enumerate(rows)]
 
 
 def _local_prompts(run: Run, count: int) -> slice:
@@ -501,12 +536,14 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
   # The rewards the update saw (device batch), beside reward/mean (host rows):
   # equal unless a step between the two (shaping, re-packing) lost something.
   m["reward/trained_mean"] = float(jnp.mean(batch.reward))
-  # Sampler vs trainer logprob mismatch on on-policy tokens (should be ~0),
-  # reduced on device: only a scalar crosses to the host.
+  # The rollout/training mismatch: |sampler − trainer| logp on on-policy tokens
+  # (bf16 decode vs the update's forward), reduced on device: two scalars cross
+  # to the host. LTE's hinted rows log theirs as logp_mismatch/hinted_*.
   if recomputed is not None:
     on = batch.loss_mask & ~batch.is_off_policy[:, None]
-    m["logp_mismatch/max"] = float(jnp.max(jnp.where(
-        on, jnp.abs(recomputed - batch.behaviour_logp), 0.0)))
+    gap = jnp.where(on, jnp.abs(recomputed - batch.behaviour_logp), 0.0)
+    m["logp_mismatch/on_policy_max"] = float(jnp.max(gap))
+    m["logp_mismatch/on_policy_mean"] = float(jnp.sum(gap) / jnp.maximum(jnp.sum(on), 1))
   m.update({
       "time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2,
       "time/step_s": t3 - t0, "compile_count/sampler": sampling.compile_count(),

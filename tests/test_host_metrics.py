@@ -45,6 +45,16 @@ def test_two_process_reduction_equals_all_rows(monkeypatch):
     host_metrics.reduce(p0)
 
 
+def test_max_is_the_largest_over_processes(monkeypatch):
+  p0 = Metrics().max("gap_max", [0.1, 0.3]).max("none_max", [])
+  p1 = Metrics().max("gap_max", [0.7]).max("none_max", [])
+  assert p0 == {"gap_max": 0.3, "none_max": 0.0}
+  monkeypatch.setattr(distributed, "is_multiprocess", lambda: True)
+  monkeypatch.setattr(distributed, "allgather_exact",
+                      lambda t: np.stack([t, host_metrics.local_table(p1)[1]]))
+  assert host_metrics.reduce(p0) == {"gap_max": 0.7, "none_max": 0.0}
+
+
 def test_float64_allgather_is_bit_exact_in_one_process():
   table = np.array([[0.1, 1 / 3], [np.pi, 1e-300]])
   got = distributed.allgather_exact(table)

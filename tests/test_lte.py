@@ -459,6 +459,29 @@ def test_replacements_have_right_flags_and_prompts(replaced, tokenizer):
     np.testing.assert_array_equal(result.rows[b].response, plain.rows[b].response)
 
 
+def test_rescore_fn_sets_the_behaviour_logp(sampler, model, tokenizer):
+  """With a trainer rescore, replacements carry its logp (here a scripted one)
+  on model tokens, and the gap to the sampler's is logged."""
+  calls = []
+
+  def rescore(rows):
+    calls.append(len(rows))
+    return [r.behaviour_logp - 0.25 for r in rows]
+
+  result = lte.rollout(sampler, model[1], tokenizer, PROBLEMS, key=jax.random.key(3),
+                       grade_fn=ScriptedGrader(_step1, CORRECT), cfg=_cfg(), lte_cfg=_lte_cfg(),
+                       rescore_fn=rescore)
+  off = np.flatnonzero(result.batch.is_off_policy)
+  assert calls == [len(off)] and len(off) > 0
+  sampled = lte.rollout(sampler, model[1], tokenizer, PROBLEMS, key=jax.random.key(3),
+                        grade_fn=ScriptedGrader(_step1, CORRECT), cfg=_cfg(), lte_cfg=_lte_cfg())
+  lm = result.batch.loss_mask
+  np.testing.assert_allclose(result.batch.behaviour_logp[off][lm[off]],
+                             sampled.batch.behaviour_logp[off][lm[off]] - 0.25, atol=1e-6)
+  assert result.metrics["logp_mismatch/hinted_mean"] == pytest.approx(0.25, abs=1e-6)
+  assert result.metrics["logp_mismatch/hinted_max"] == pytest.approx(0.25, abs=1e-6)
+
+
 def test_offpolicy_logprobs_unhinted_numerator_hinted_behaviour(replaced, model, tokenizer):
   """Numerator: the packed row under Prompt(q) == a direct forward on prompt + response.
   Behaviour: the sampling-time logp == a direct forward on hinted prompt + response."""

@@ -181,9 +181,12 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
   for key in expected:
     assert key in last, (key, sorted(last))
   if mode == "sampler_old_logp":
-    assert "logp_mismatch/max" not in last
+    assert "logp_mismatch/on_policy_max" not in last
   else:  # the sampler's logprob equals the trainer's recompute (what makes the mode sound)
-    assert last["logp_mismatch/max"] < 1e-3, last["logp_mismatch/max"]
+    assert last["logp_mismatch/on_policy_max"] < 1e-3, last["logp_mismatch/on_policy_max"]
+    assert 0 <= last["logp_mismatch/on_policy_mean"] <= last["logp_mismatch/on_policy_max"]
+  if mode.startswith("lte"):  # hinted rows' behaviour logp rescored by the trainer
+    assert last["logp_mismatch/hinted_max"] < 1e-3, last
 
 
 def test_demo_reward_improves(tmp_path):

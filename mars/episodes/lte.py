@@ -33,7 +33,7 @@ the distinct wrong answers of every attempt in the group, and the hinted
 extra episodes are multi-attempt episodes whose first prompt carries the note.
 """
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -254,7 +254,8 @@ def group_rng(replace_seed: int, key, group: int) -> np.random.Generator:
 
 def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_fn, cfg,
             lte_cfg, num_attempts=None, group_size: Optional[int] = None,
-            single_turn: bool = False, group_offset: int = 0) -> EpisodeResult:
+            single_turn: bool = False, group_offset: int = 0,
+            rescore_fn: Optional[Callable] = None) -> EpisodeResult:
   """One LTE rollout step; see the module docstring.
 
   Args:
@@ -266,6 +267,12 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     group_size: G; defaults to cfg.group_size.
     group_offset: index of problems[0] in the global batch (a multi-host
       process's share), so replacement draws follow the global group.
+    rescore_fn: rows -> [per-row response logp under the row's own (hinted)
+      prompt], the trainer's forward (collective: every process calls it once
+      per step with hinted groups, possibly with no rows). When given, the
+      replacements' behaviour logp is the trainer's, not the sampler's: their
+      numerics differ (bf16, other kernels) and would bias the ratio. The gap
+      is logged as logp_mismatch/hinted_{mean,max}. None: the sampler's logp.
   Step 1 uses `key` exactly as the plain episode would (so with no all-fail
   group the result is the plain one, bit for bit); hinted rollouts use
   fold_in(key, 1).
@@ -287,7 +294,9 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   codes = classify_groups(ok, truncated, group_ids, len(problems))
   hinted = np.flatnonzero(is_all_fail(codes))
   if not distributed.any_process(hinted.size > 0):  # exactly the plain step
-    return dataclasses.replace(base, metrics=merge(base.metrics, lte_metrics(codes, [], G, base)))
+    return dataclasses.replace(base, metrics=merge(
+        base.metrics, lte_metrics(codes, [], G, base),
+        _gap_metrics([], []) if rescore_fn else {}))
 
   # Steps 3-4: one hinted rollout call for every all-fail group, G per group.
   hinted_problems = []
@@ -334,14 +343,32 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
           "hinted_prompt": _first_prompt(episode, hinted_problems[h]["problem"],
                                          extra.meta[new[j]], single_turn),
           "replaced_response": base.meta[orig[i]]["response"]}
+  gaps = {}
+  if rescore_fn is not None:
+    sampled = [hinted_row for _, hinted_row in replacements]
+    rescored = rescore_fn(sampled)
+    gaps = _gap_metrics(sampled, rescored)
+    replacements = [(index, dataclasses.replace(
+        hinted_row, behaviour_logp=np.where(hinted_row.is_model, logp, 0.0)))
+        for (index, hinted_row), logp in zip(replacements, rescored)]
   if not replacements:  # G' = 0 everywhere: the batch is the plain one
-    return dataclasses.replace(base, metrics=merge(base.metrics,
-                                                   lte_metrics(codes, successes, G, base, extra)))
+    return dataclasses.replace(base, metrics=merge(
+        base.metrics, lte_metrics(codes, successes, G, base, extra), gaps))
   rows = reattach_responses(base.rows, replacements, unhinted)
   result = EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
                          metrics=base.metrics)
-  result.metrics = merge(base.metrics, lte_metrics(codes, successes, G, result, extra, base))
+  result.metrics = merge(base.metrics, lte_metrics(codes, successes, G, result, extra, base),
+                         gaps)
   return result
+
+
+def _gap_metrics(sampled: Sequence[Row], rescored) -> Metrics:
+  """|trainer − sampler| behaviour logp over the model tokens of the replacements."""
+  gaps = [np.abs(np.asarray(logp) - r.behaviour_logp)[r.is_model]
+          for r, logp in zip(sampled, rescored)]
+  gaps = np.concatenate(gaps) if gaps else np.zeros((0,))
+  return (Metrics().mean("logp_mismatch/hinted_mean", gaps)
+          .max("logp_mismatch/hinted_max", gaps))
 
 
 def _episode_runner(episode, sampler, params, tokenizer, *, grade_fn, cfg, group_size,
