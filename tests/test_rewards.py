@@ -102,66 +102,69 @@ def test_extract_boxed(text, expected):
 
 
 def test_extract_boxed_is_linear_on_100kb():
-  import time
   text = "\\boxed{" + "\\frac{" * 20000  # 120 kB, never closes
   start = time.perf_counter()
   assert rewards.extract_boxed(text) is None
   assert rewards.extract_boxed("\\boxed{1} " * 10000 + "\\boxed{2}") == "2"
+  assert rewards.extract_boxes("\\boxed{1}, " * 10000 + "\\boxed{2}") == ["1"] * 10000 + ["2"]
   assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("text, joined, last", [
-    # (response, boxes="math_verify" reading, boxes="last" reading), hand-worked
-    # from math-verify's joining rule (a separator within 70 characters, or
-    # fewer than 10 characters); the next test checks it against math-verify.
-    ("so $x = \\boxed{4}$ or $x = \\boxed{-1}$.", "4,-1", "-1"),
-    ("\\boxed{(0, 1)}, \\boxed{(1, 0)}", "(0, 1),(1, 0)", "(1, 0)"),
-    ("\\boxed{a}; \\boxed{b}; \\boxed{c}", "a,b,c", "c"),
+def test_extract_boxes():
+  assert rewards.extract_boxes("\\boxed{\\boxed{1}} x \\boxed 2, \\boxed{3") == [
+      "1", "\\boxed{1}", "2"]  # in closing order; the unclosed one is left out
+  assert rewards.extract_boxes("no box") == []
+
+
+# (response, what math-verify reads from its boxes as a $...$ answer, last box)
+READINGS = [
+    ("so $x = \\boxed{4}$ or $x = \\boxed{-1}$.", "\\{4, -1\\}", "-1"),
+    ("\\boxed{(0, 1)}, \\boxed{(1, 0)}", "(0, 1), (1, 0)", "(1, 0)"),
+    ("\\boxed{a}; \\boxed{b}; \\boxed{c}", "\\{a, b, c\\}", "c"),
     ("\\boxed{7}\\boxed{7}", "7", "7"),  # a repeated box is one answer
-    # A comma within 70 characters joins a self-correction too: "last" exists for this.
-    ("I first thought \\boxed{2}, but the answer is \\boxed{3}", "2,3", "3"),
+    # A comma within 70 characters joins a self-correction too: boxes="last" is for this.
+    ("I first thought \\boxed{2}, but the answer is \\boxed{3}", "\\{2, 3\\}", "3"),
     # 10+ characters and no separator between them: separate boxes.
     ("Step 1 gives \\boxed{2}. Step 2 then gives us \\boxed{3}", "3", "3"),
     ("\\boxed{1} " + "x" * 80 + " and \\boxed{2}", "2", "2"),  # 70+ characters apart
+    # Boxes in separate $...$ chained by more than ", and/or": the last one alone;
+    # in one math environment: all of them.
+    ("$\\boxed{2}$ \\quad \\text{or} \\quad $\\boxed{5}$", "5", "5"),
+    ("$$\\boxed{2} \\quad \\text{or} \\quad \\boxed{5}$$", "\\{2, 5\\}", "5"),
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "\\frac{1}{2}"),
-    (" \\boxed{ 5 } ", " 5 ", " 5 "),  # one box: its content as written
-    ("\\boxed{\\boxed{1}, \\boxed{2}}", "\\boxed{1}, \\boxed{2}", "\\boxed{1}, \\boxed{2}"),
-    ("\\boxed{1}, \\boxed 2", "2", "2"),  # a brace-less box is read alone
+    ("\\boxed 9.", "9", "9"),  # brace-less: math-verify has no box pattern for it
     ("\\boxed{1}, \\boxed{2", "1", "1"),  # an unclosed box is not an answer
-])
-def test_extract_answer(text, joined, last):
-  assert rewards.extract_answer(text) == joined
-  assert rewards.extract_answer(text, boxes="last") == last == rewards.extract_boxed(text)
+]
 
 
-@pytest.mark.parametrize("text", [
-    "so $x = \\boxed{4}$ or $x = \\boxed{-1}$.",
-    "The pairs are \\boxed{(0, 1)} and \\boxed{(1, 0)}.",
-    "I first thought \\boxed{2}, but the answer is \\boxed{3}",
-    "Step 1 gives \\boxed{2}. Step 2 then gives us \\boxed{3}",
-    "\\boxed{x=1} \\quad \\text{or} \\quad \\boxed{x=-2}",
-])
-def test_extract_answer_reads_boxes_as_math_verify_does(text):
-  """Parsing the extracted text gives what math-verify's parse of the whole response gives."""
-  ours = math_verify.parse("\\boxed{" + rewards.extract_answer(text) + "}")
-  theirs = math_verify.parse(text)
-  assert ours and theirs and ours[0] == theirs[0], (ours, theirs)
+@pytest.mark.parametrize("text, reading, last", READINGS)
+def test_read_answer(text, reading, last):
+  """Hand-worked from math-verify's rules, and checked against its own parse."""
+  extracted, parsed = rewards.read_answer(text)
+  expected = math_verify.parse(f"${reading}$")[0]
+  assert parsed[0] == expected, (extracted, parsed)
+  assert math_verify.parse(text)[0] == expected  # plain math-verify on the response
+  extracted, parsed = rewards.read_answer(text, boxes="last")
+  assert extracted == last == rewards.extract_boxed(text)
+  assert parsed[0] == math_verify.parse(f"${last}$")[0]
 
 
-def test_extract_answer_has_an_answer_exactly_when_extract_boxed_does():
-  texts = [t for t, _ in _EXTRACT_CASES] + [r for r, _ in adversarial.adversarial_cases(n=60)]
-  for text in texts:
+def test_many_boxes_are_read_by_the_last():
+  # math-verify's joining is quadratic in the number of boxes: past MAX_BOXES
+  # the last box alone is the answer.
+  few = "\\boxed{1}, " * 5 + "\\boxed{2}"
+  many = "\\boxed{1}, " * grader.MAX_BOXES + "\\boxed{2}"
+  assert rewards.read_answer(few)[1][0] == math_verify.parse("$\\{1, 2\\}$")[0]
+  assert rewards.read_answer(many)[0] == "2"
+
+
+def test_read_answer_without_a_box_is_no_answer():
+  assert math_verify.parse("The answer is 5.")[0] == 5  # plain math-verify reads prose
+  for text in ["The answer is 5.", "\\boxed{5", "", "\\boxed answer"]:
     for boxes in rewards.BOXES:
-      assert (rewards.extract_answer(text, boxes) is None) == (rewards.extract_boxed(text) is None)
+      assert rewards.read_answer(text, boxes) == (None, [])
   with pytest.raises(ValueError, match="boxes must be one of"):
-    rewards.extract_answer("\\boxed{1}", boxes="first")
-
-
-def test_extract_answer_is_fast_on_many_boxes():
-  text = "\\boxed{1}, " * 10000 + "\\boxed{2}"  # every box joinable to the next
-  start = time.perf_counter()
-  assert rewards.extract_answer(text) == "1,2"
-  assert time.perf_counter() - start < 1.0
+    rewards.grade_one("\\boxed{1}", "1", boxes="first")
 
 
 def test_gold_text():
@@ -170,7 +173,11 @@ def test_gold_text():
   assert grader.gold_text(["$69$,$84$"]) == "69,84"
   assert grader.gold_text(["1", "2"]) == "1, 2"
   assert grader.gold_text("\\$18") == "\\$18"  # escaped dollars are content
-  assert grader.gold_text("So $x=2$ and $y=\\boxed{3}$.") == "3"  # a worked solution
+  # A worked solution as the ground truth is read by its boxes, as a response is.
+  solution = "So $x=2$ and $y=\\boxed{3}$ or $y = \\boxed{4}$."
+  assert rewards.grade_one("\\boxed{4}, \\boxed{3}", solution).correct
+  assert not rewards.grade_one("\\boxed{2}", solution).correct
+  assert reference(solution, "\\boxed{4}, \\boxed{3}") and not reference(solution, "\\boxed{2}")
 
 
 # ---- statuses
@@ -561,20 +568,24 @@ def test_set_relation_option():
 
 # ---- one extraction for the grade, the no-answer decision and the hints
 
-def test_grade_reads_what_extract_answer_reads(pool, last_box_pool):
-  responses = ([t for t, _ in _EXTRACT_CASES] + [r for _, _, r, _ in KINDS]
-               + [r for r, _ in adversarial.adversarial_cases(n=36, seed=3)])
-  golds = ["3"] * len(responses)
+def test_grade_reads_what_read_answer_reads(pool, last_box_pool):
+  plain = [t for t, _ in _EXTRACT_CASES] + [t for t, _, _ in READINGS] + [r for _, _, r, _ in KINDS]
+  nasty = [r for r, _ in adversarial.adversarial_cases(n=36, seed=3)]
   for p, boxes in ((pool, "math_verify"), (last_box_pool, "last")):
-    grades = p.grade_batch(responses, golds)
-    for response, g in zip(responses, grades):
-      extracted = rewards.extract_answer(response, boxes)
-      assert g.extracted == extracted, (response[:80], g)
-      assert (g.status == "no_answer") == (extracted is None) == (
-          rewards.extract_boxed(response) is None)
-      if g.status == "wrong" and len(extracted) < 200:
-        # LTE de-duplicates multi-attempt hints with canonical_answer(extracted).
-        assert g.canonical == rewards.canonical_answer(extracted, timeout_s=None), response[:80]
+    grades = p.grade_batch(plain + nasty, ["3"] * len(plain + nasty))
+    for response, g in zip(plain + nasty, grades):
+      # No answer exactly when there is no complete box: what the multi-attempt
+      # rules decide with extract_boxed.
+      assert (g.status == "no_answer") == (g.extracted is None) == (
+          rewards.extract_boxed(response) is None), (response[:80], g)
+    for response, g in zip(plain, grades):
+      extracted, _ = rewards.read_answer(response, boxes)
+      assert g.extracted == extracted, (response, g)
+      if g.status == "wrong":
+        # LTE de-duplicates hints with canonical_answer(extracted).
+        assert g.canonical == rewards.canonical_answer(extracted, timeout_s=None), response
+    if boxes == "last":
+      assert [g.extracted for g in grades] == [rewards.extract_boxed(r) for r in plain + nasty]
 
 
 # ---- canonical forms (LTE de-duplicates wrong answers with these)

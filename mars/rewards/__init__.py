@@ -1,7 +1,7 @@
 """Math answer rewards: extraction, math-verify grading, a worker-process pool.
 
   extract_boxed(text)            last complete \\boxed{}/\\fbox{} content, or None
-  extract_answer(text, boxes)    the answer text the grader reads (None: no box)
+  read_answer(response, boxes)   (text, parse) the grader reads; (None, []): no box
   grade_one(response, answer)    in-process Grade (what the workers run)
   canonical_answer(text)         de-duplication key (0.5 == \\frac12 == 1/2)
   GraderPool(...).grade_batch    hard per-answer timeouts, never hangs
@@ -10,14 +10,14 @@
 `boxes` picks the box(es) that hold the answer: "math_verify" (default,
 math-verify's reading: `\\boxed{1}, \\boxed{2}` is {1, 2}) or "last".
 """
-from mars.rewards.extract import BOXES, extract_answer, extract_boxed
-from mars.rewards.grader import (MAX_PARSE_CHARS, STATUSES, Grade, SoftTimeout,
-                                 answer_of, canonical_answer, gold_text, grade_one,
+from mars.rewards.extract import extract_boxed, extract_boxes
+from mars.rewards.grader import (BOXES, MAX_PARSE_CHARS, STATUSES, Grade, SoftTimeout,
+                                 canonical_answer, gold_text, grade_one, read_answer,
                                  soft_time_limit)
 from mars.rewards.pool import GraderPool, default_pool, grade_batch
 
 __all__ = [
     "BOXES", "MAX_PARSE_CHARS", "STATUSES", "Grade", "GraderPool", "SoftTimeout",
-    "answer_of", "canonical_answer", "default_pool", "extract_answer", "extract_boxed",
-    "gold_text", "grade_batch", "grade_one", "soft_time_limit",
+    "canonical_answer", "default_pool", "extract_boxed", "extract_boxes", "gold_text",
+    "grade_batch", "grade_one", "read_answer", "soft_time_limit",
 ]

@@ -4,13 +4,14 @@
 slow or hang on adversarial input (sympy), so the trainer never calls it
 directly: it goes through the pool, which adds a hard per-answer timeout.
 
-Grading is math-verify's: the answer text (`extract.extract_answer`) and the
-ground truth are parsed by `math_verify.parse` with its default extraction
-configs (`LatexExtractionConfig()`, `ExprExtractionConfig()`) and compared by
-`math_verify.verify` with its default options. That covers numbers, thousands
-separators, fractions, decimals vs fractions, percentages, degrees, `\\text{}`
-and units, intervals, tuples, sets (in any order), "and"-lists, matrices and
-equations (`x=3` vs `3`).
+Grading is math-verify's: the response's boxes are read by math-verify's own
+box extraction (`read_answer`), the ground truth by `math_verify.parse` with
+its default configs (`LatexExtractionConfig()`, `ExprExtractionConfig()`), and
+the two are compared by `math_verify.verify` with its default options. That
+covers several boxes as one set answer, numbers, thousands separators,
+fractions, decimals vs fractions, percentages, degrees, `\\text{}` and units,
+intervals, tuples, sets (in any order), "and"-lists, matrices and equations
+(`x=3` vs `3`).
 
 Where mars differs from plain `verify(parse(gold), parse(response))`, on purpose:
   * the answer must be boxed: a response without a complete `\\boxed{}` is
@@ -45,9 +46,11 @@ import math_verify.grader
 import math_verify.parser
 import sympy
 
-from mars.rewards.extract import BOXES, extract_answer
+from mars.rewards.extract import extract_boxed, extract_boxes
 
 STATUSES = ("correct", "wrong", "no_answer", "timeout", "error")
+# Which box(es) hold the answer (see `grade_one`).
+BOXES = ("math_verify", "last")
 
 # Cheap guards before sympy. Past them an answer is compared as a string only
 # (so it can still be exactly right, but is never simplified). Real answers sit
@@ -61,7 +64,23 @@ MAX_DET_CELLS = 16  # latex2sympy expands \det while parsing: cubic and worse.
 MAX_SUM_TERMS = 10_000
 
 # math-verify's default extraction configs (those of `math_verify.parse`).
-_PARSE_CONFIG = (math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig())
+_LATEX_CONFIG = math_verify.LatexExtractionConfig()
+_PARSE_CONFIG = (_LATEX_CONFIG, math_verify.ExprExtractionConfig())
+# math-verify's own box patterns, the two it ranks at `boxed_match_priority`:
+# a math environment ($...$, \[...\]) holding boxes, possibly chained to more
+# by ", and/or", and a bare run from the first \boxed{ to the last }. Its
+# other patterns ("The final answer is $X$", "answer: X", any number in the
+# prose) are left out: for mars the answer is what is boxed.
+_BOX_PATTERNS = [(pattern, priority) for pattern, priority
+                 in math_verify.parser.lazy_latex_regex(_LATEX_CONFIG)
+                 if priority == _LATEX_CONFIG.boxed_match_priority and "boxed" in pattern.pattern]
+if len(_BOX_PATTERNS) != 2:
+  raise ImportError(f"math-verify's box patterns changed (expected 2, found "
+                    f"{len(_BOX_PATTERNS)}): mars/rewards/grader.py needs updating")
+# Past this many boxes a response is read by its last box alone: math-verify's
+# joining of boxes is quadratic in their number (1,000 boxes take ~0.05 s,
+# 10,000 ~0.6 s). No real answer has that many.
+MAX_BOXES = 1000
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 # We pass timeouts of None on purpose (see module docstring); silence the
@@ -75,13 +94,16 @@ class Grade:
   """One graded response.
 
   status: correct | wrong | no_answer | timeout | error. "no_answer" exactly
-    when `extract_answer` finds no complete box (the multi-attempt reward gives
-    it -1, not -0.5); a box math-verify cannot read is "wrong".
-  extracted: `extract_answer(response, boxes)`, the text that was parsed ("" for
-    `\\boxed{}`; "1,2" for `\\boxed{1}, \\boxed{2}`), or None.
-  canonical: `canonical_answer(extracted)`, a de-duplication key (0.5, \\frac12,
-    1/2 and \\dfrac{1}{2} share one) from the same parse, used to build LTE's
-    wrong-answer hints. None when there is no answer or grading did not finish.
+    when the response has no complete box (`extract_boxed` is None, as in the
+    multi-attempt rules; that reward gives it -1, not -0.5); a box math-verify
+    cannot read is "wrong".
+  extracted: the answer text `read_answer` read ("" for `\\boxed{}`; "1,2" for
+    `\\boxed{1}, \\boxed{2}`; the last box when grading did not finish), or
+    None when there is no box.
+  canonical: a de-duplication key from that same parse (0.5, \\frac12, 1/2 and
+    \\dfrac{1}{2} share one; it is `canonical_answer(extracted)`), used to build
+    LTE's wrong-answer hints. None when there is no answer or grading did not
+    finish.
   """
   status: str
   extracted: str | None = None
@@ -131,11 +153,10 @@ def gold_text(answer) -> str:
 
   A list (OlympiadBench `final_answer`) is a multi-part answer: its items are
   joined with ", " so that math-verify reads them as one set, and a response
-  must give all of them. Whole floats (27.0 in AMC) become integers. A worked
-  solution with a box gives its boxed answer, read as a response's would be.
-  The $ are dropped rather than left to math-verify: data sets put stray ones
-  inside answers ("$221,$8$" in OlympiadBench, "x_0 \\cos t+$ $\\dot{x}_0" in
-  Minerva), which would hide part of the answer from it.
+  must give all of them. Whole floats (27.0 in AMC) become integers. The $ are
+  dropped rather than left to math-verify: data sets put stray ones inside
+  answers ("$221,$8$" in OlympiadBench, "x_0 \\cos t+$ $\\dot{x}_0" in Minerva),
+  which would hide part of the answer from it.
   """
   if isinstance(answer, (list, tuple)):
     return ", ".join(filter(None, (gold_text(a) for a in answer)))
@@ -143,9 +164,7 @@ def gold_text(answer) -> str:
     answer = answer.decode("utf-8", "replace")
   if isinstance(answer, float) and answer.is_integer():
     answer = int(answer)
-  text = _UNESCAPED_DOLLAR.sub("", str(answer)).strip()
-  boxed = extract_answer(text)
-  return text if boxed is None else boxed.strip()
+  return _UNESCAPED_DOLLAR.sub("", str(answer)).strip()
 
 
 def _nesting(text: str) -> int:
@@ -251,18 +270,41 @@ def _parse(latex: str) -> list:
   return math_verify.parse("\\boxed{" + latex + "}", _PARSE_CONFIG, parsing_timeout=None)
 
 
+def _read_boxes(text: str) -> list:
+  """math-verify's reading of the boxes in `text`: [expr, str], [str] or [].
+
+  `math_verify.parse` restricted to its box patterns (see _BOX_PATTERNS): the
+  rightmost match wins; boxes it joins (a comma, "and" or "or" between them,
+  or one math environment holding them) are one set answer; the str is its
+  normalized LaTeX of what it read.
+  """
+  try:
+    return math_verify.parser.extract_target_from_pred(
+        text, [(_BOX_PATTERNS, _LATEX_CONFIG)], fallback_mode="first_match",
+        extraction_mode="any_match")
+  except Exception:  # pylint: disable=broad-except
+    return []  # as math_verify.parse does
+
+
 @functools.lru_cache(maxsize=4096)
 def _gold_parsed(gold: str) -> list:
   """math-verify's reading of a ground truth ([] when too costly to parse:
   then only the exact-string match can make an answer correct).
 
   Boxed, as an answer is: plain `parse` would find nothing in a bare
-  "\\sqrt{3}". Cached: the same ground truth is graded G times per step (GRPO
-  groups).
+  "\\sqrt{3}". A ground truth that is a worked solution with boxes is read as
+  a response is. Cached: the same ground truth is graded G times per step
+  (GRPO groups).
   """
-  if _text_too_costly(gold):
+  boxes = extract_boxes(gold)
+  if boxes:
+    if len(boxes) > MAX_BOXES or any(map(_text_too_costly, boxes)):
+      return []
+    parsed = _read_boxes(gold)
+  elif _text_too_costly(gold):
     return []
-  parsed = _parse(gold)
+  else:
+    parsed = _parse(gold)
   return [] if parsed and _too_costly(parsed[0]) else parsed
 
 
@@ -283,10 +325,11 @@ def _canonical_from_parsed(parsed: list, text: str) -> str:
 def canonical_answer(text: str, timeout_s: float = 0.5) -> str:
   """De-duplication key for an extracted answer; cheap and never raises.
 
-  Uses math-verify (sympy) within the same guards as grading, under a
-  `soft_time_limit` of `timeout_s`; anything else, or any failure, falls back to
-  the whitespace-free string. Inside the grader pool `Grade.canonical` carries
-  the same key, computed in the worker: prefer it in the trainer.
+  The key `grade_one` gives `Grade.canonical` for this answer text: the sympy
+  string of its math-verify parse within the same guards, under a
+  `soft_time_limit` of `timeout_s`; anything else, or any failure, falls back
+  to the whitespace-free string. Inside the grader pool `Grade.canonical`
+  carries the same key, computed in the worker: prefer it in the trainer.
   """
   if text is None:
     return ""
@@ -296,57 +339,72 @@ def canonical_answer(text: str, timeout_s: float = 0.5) -> str:
   try:
     with soft_time_limit(timeout_s):
       parsed = _parse(text)
-      if parsed and _too_costly(parsed[0]):
-        return _squash(text)
-      return _canonical_from_parsed(parsed, text)
+      return _canonical_from_parsed([] if parsed and _too_costly(parsed[0]) else parsed, text)
   except (Exception, SoftTimeout):  # pylint: disable=broad-except
     return _squash(text)
 
 
-def answer_of(response, boxes: str = "math_verify") -> str | None:
-  """`extract_answer` of a response as `grade_one` reads it (bytes decoded).
+def read_answer(response, boxes: str = "math_verify") -> tuple[str | None, list]:
+  """(extracted text, math-verify parse) of a response; (None, []) without a box.
 
-  Linear and sympy-free: the pool also calls it for items whose worker was
-  killed, so their Grade reports the same answer a finished one would.
+  boxes="math_verify": math-verify's own reading of the boxes (`_read_boxes`);
+    the extracted text is its normalized LaTeX ("1,2" for `\\boxed{1},
+    \\boxed{2}`). A box it does not match (brace-less `\\boxed 9`), or boxes
+    past the guards, leave the last box.
+  boxes="last": the last complete box (`extract_boxed`), as written.
+  No complete box is no answer in both modes, whatever math-verify could read
+  from the prose. A last box past the text guards is not parsed ([]).
   """
   if isinstance(response, bytes):
     response = response.decode("utf-8", "replace")
-  return extract_answer(str(response), boxes)
+  response = str(response)
+  found = extract_boxes(response)
+  if not found:
+    return None, []
+  if (boxes == "math_verify" and len(found) <= MAX_BOXES
+      and not any(map(_text_too_costly, found))):
+    read = _read_boxes(response)
+    text = next((r for r in reversed(read) if isinstance(r, str)), None)
+    if read and text is not None:
+      return text, read
+  last = found[-1]
+  return last, [] if _text_too_costly(last) else _parse(last)
 
 
 def grade_one(response, answer, boxes: str = "math_verify",
               allow_set_relation_comp: bool = False) -> Grade:
   """Grades one response against `answer` (str, number or list of str).
 
-  boxes: which box(es) hold the answer, see `extract.extract_answer`:
-    "math_verify" (math-verify's reading: joined boxes form a set) or "last".
+  boxes: which box(es) hold the answer, see `read_answer`: "math_verify"
+    (math-verify's reading: joined boxes form a set) or "last".
   allow_set_relation_comp: `math_verify.verify`'s option (inequality vs interval).
 
   Never raises on model output: exceptions give status "error", and a
   SoftTimeout (from an enclosing `soft_time_limit`, as in the pool's workers)
-  gives status "timeout".
+  gives status "timeout". A grade that does not finish reports the last box
+  as `extracted`.
   """
   if boxes not in BOXES:
     raise ValueError(f"boxes must be one of {BOXES}, got {boxes!r}")
   extracted = None
   try:
-    extracted = answer_of(response, boxes)
+    if isinstance(response, bytes):
+      response = response.decode("utf-8", "replace")
+    extracted = extract_boxed(str(response))
     if extracted is None:
       return Grade("no_answer")
+    extracted, parsed = read_answer(response, boxes)
+    if parsed and _too_costly(parsed[0]):
+      parsed = []  # never compared: only the identical string below can be right
+    canonical = _canonical_from_parsed(parsed, extracted)
     if not extracted.strip():
       return Grade("wrong", extracted, "")  # \boxed{}: answered, never correct.
     gold = gold_text(answer)
     if gold and extracted.strip() == gold:
-      # Same text as the ground truth: no sympy for the response at all (its
-      # canonical form is the cached one of the ground truth, parsed the same way).
-      # Whitespace inside must match too: math-verify reads "12 345" as 357.
-      return Grade("correct", extracted, _canonical_from_parsed(_gold_parsed(gold), gold))
-    if _text_too_costly(extracted):
-      return Grade("wrong", extracted, _squash(extracted))
-    parsed = _parse(extracted)
-    if parsed and _too_costly(parsed[0]):
-      return Grade("wrong", extracted, _squash(extracted))
-    canonical = _canonical_from_parsed(parsed, extracted)
+      # Same text as the ground truth: correct without comparing (also past
+      # the guards). Whitespace inside must match too: math-verify reads
+      # "12 345" as 357.
+      return Grade("correct", extracted, canonical)
     gold_parsed = _gold_parsed(gold) if gold else []
     ok = bool(gold_parsed) and bool(parsed) and math_verify.verify(
         gold_parsed, parsed, allow_set_relation_comp=allow_set_relation_comp,

@@ -26,9 +26,8 @@ import threading
 import time
 
 from mars.rewards import ipc
-from mars.rewards import grader
-from mars.rewards.extract import BOXES
-from mars.rewards.grader import Grade
+from mars.rewards.extract import extract_boxed
+from mars.rewards.grader import BOXES, Grade
 
 # Root of the `mars` package checkout, so that workers import the same code.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -90,7 +89,7 @@ class GraderPool:
     boxes: which box(es) hold the answer: "math_verify" (math-verify's own
       reading: `\\boxed{1}, \\boxed{2}` is the set {1, 2}) or "last" (the last
       box only, as the multi-attempt paper's reference grader reads it). See
-      `extract.extract_answer`.
+      `grader.read_answer`.
     allow_set_relation_comp: `math_verify.verify`'s option; True lets an
       inequality match an interval (`3 \\le x \\le 4` == `[3,4]`). math-verify's
       default, False, is ours.
@@ -265,7 +264,10 @@ def _failed(task, status: str):
   so a timed-out attempt still counts as answered for the multi-attempt reward.
   """
   if task[0] == "grade":
-    return Grade(status, grader.answer_of(task[1], task[3]["boxes"]), None)
+    response = task[1]
+    if isinstance(response, bytes):
+      response = response.decode("utf-8", "replace")
+    return Grade(status, extract_boxed(str(response)), None)
   return "".join(str(task[1]).split())
 
 
