@@ -21,13 +21,18 @@ Where mars differs from plain `verify(parse(gold), parse(response))`, on purpose
     $X$" sentence elsewhere does not override the box.
   * `boxes="last"` (an option) reads only the last box, as the multi-attempt
     paper's reference does; math-verify's default, `boxes="math_verify"`, reads
-    `\\boxed{1}, \\boxed{2}` as the set {1, 2}.
+    `\\boxed{1}, \\boxed{2}` as the set {1, 2}. A box math-verify has no pattern
+    for (brace-less `\\boxed 9`, valid TeX) is read as the last box.
   * `allow_set_relation_comp=True` (an option; math-verify's default is False)
     lets an inequality match an interval (`3 \\le x \\le 4` == `[3,4]`).
+  * the ground truth's $ are dropped before math-verify reads it (`gold_text`).
   * identical strings (ignoring leading and trailing whitespace) are correct
-    without sympy, as math-verify would find them;
-  * cheap guards (length, nesting, number size, matrix size) keep inputs that
-    would make sympy run away from reaching it: those compare as strings.
+    without comparing;
+  * cheap guards keep inputs that would make sympy or math-verify's box
+    joining run away from reaching them: with more than MAX_BOXES boxes, or a
+    box past the text guards (length, nesting, matrix size), the last box
+    alone is read; an answer past the guards (those, or number size) is never
+    compared, so only an identical string can be right.
 math-verify's own timeouts are turned off: they use `signal.alarm` with whole
 seconds and would cancel our finer SIGALRM timer (`soft_time_limit`); the
 pool's process kill is the hard bound.
