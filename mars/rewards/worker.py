@@ -66,8 +66,11 @@ def _handle(message, soft_timeout_s: float):
         return grader.canonical_answer(message[1], timeout_s=None)
   except grader.SoftTimeout:  # fired between grade_one's return and disarming.
     pass
-  if kind == "grade":
-    return ("timeout", grader.extract_boxed(str(message[1])), None)
+  if kind == "grade":  # the last box, as for an item the pool had to kill
+    response = message[1]
+    if isinstance(response, bytes):
+      response = response.decode("utf-8", "replace")
+    return ("timeout", grader.extract_boxed(str(response)), None)
   return "".join(str(message[1]).split())
 
 
