@@ -1,13 +1,18 @@
-"""Grading: extraction, hand-checked pairs, canonical forms, reference solutions."""
+"""Grading: extraction, hand-checked pairs, agreement with math-verify, canonical
+forms, reference solutions."""
 import collections
 import json
+import logging
 import os
 import pathlib
 import re
+import time
 
+import math_verify
 import pytest
 
 from mars import rewards
+from mars.rewards import adversarial
 from mars.rewards import grader
 
 SHARED = pathlib.Path(os.environ.get(
@@ -23,15 +28,50 @@ def read_jsonl(relpath):
     return [json.loads(line) for line in f]
 
 
+# These tests check what is graded, not how fast: a generous timeout keeps a
+# busy shared machine from turning a slow first parse into a "timeout".
+# test_rewards_adversarial.py holds the latency bounds.
+TIMEOUT_S = 10.0
+
+
 @pytest.fixture(scope="module")
 def pool():
-  with rewards.GraderPool(num_workers=2, timeout_s=3.0) as p:
+  with rewards.GraderPool(num_workers=2, timeout_s=TIMEOUT_S) as p:
     yield p
+
+
+@pytest.fixture(scope="module")
+def last_box_pool():
+  with rewards.GraderPool(num_workers=1, timeout_s=TIMEOUT_S, spare_workers=0,
+                          boxes="last") as p:
+    yield p
+
+
+_DELIMITED = re.compile(r"(?<!\\)\$|\\boxed")
+
+
+def reference(gold, response) -> bool:
+  """Plain math-verify, the independent reference: verify(parse(gold), parse(response)).
+
+  A bare ground truth is written as "$gold$", the way math-verify expects
+  answers (its parse finds nothing in a bare "\\sqrt{3}"); the grader boxes it
+  instead, so the two readings of the ground truth are checked against each
+  other too.
+  """
+  if isinstance(gold, list):
+    gold = ", ".join(gold)
+  if not _DELIMITED.search(gold):
+    gold = "$" + gold.replace("\n", " ") + "$"
+  logging.disable(logging.WARNING)  # math-verify logs its own timeouts.
+  try:
+    return math_verify.verify(math_verify.parse(gold), math_verify.parse(response))
+  finally:
+    logging.disable(logging.NOTSET)
 
 
 # ---- extraction
 
-@pytest.mark.parametrize("text, expected", [
+_EXTRACT_CASES = [
     ("The answer is \\boxed{42}.", "42"),
     ("\\boxed{1} then \\boxed{2}", "2"),
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
@@ -53,18 +93,78 @@ def pool():
     ("", None),
     ("}}}\\boxed{3}}}", "3"),
     ("a\x00\\boxed{1\x00}", "1\x00"),
-])
+]
+
+
+@pytest.mark.parametrize("text, expected", _EXTRACT_CASES)
 def test_extract_boxed(text, expected):
   assert rewards.extract_boxed(text) == expected
 
 
 def test_extract_boxed_is_linear_on_100kb():
-  import time
   text = "\\boxed{" + "\\frac{" * 20000  # 120 kB, never closes
   start = time.perf_counter()
   assert rewards.extract_boxed(text) is None
   assert rewards.extract_boxed("\\boxed{1} " * 10000 + "\\boxed{2}") == "2"
+  assert rewards.extract_boxes("\\boxed{1}, " * 10000 + "\\boxed{2}") == ["1"] * 10000 + ["2"]
   assert time.perf_counter() - start < 1.0
+
+
+def test_extract_boxes():
+  assert rewards.extract_boxes("\\boxed{\\boxed{1}} x \\boxed 2, \\boxed{3") == [
+      "1", "\\boxed{1}", "2"]  # in closing order; the unclosed one is left out
+  assert rewards.extract_boxes("no box") == []
+
+
+# (response, what math-verify reads from its boxes as a $...$ answer, last box)
+READINGS = [
+    ("so $x = \\boxed{4}$ or $x = \\boxed{-1}$.", "\\{4, -1\\}", "-1"),
+    ("\\boxed{(0, 1)}, \\boxed{(1, 0)}", "(0, 1), (1, 0)", "(1, 0)"),
+    ("\\boxed{a}; \\boxed{b}; \\boxed{c}", "\\{a, b, c\\}", "c"),
+    ("\\boxed{7}\\boxed{7}", "7", "7"),  # a repeated box is one answer
+    # A comma within 70 characters joins a self-correction too: boxes="last" is for this.
+    ("I first thought \\boxed{2}, but the answer is \\boxed{3}", "\\{2, 3\\}", "3"),
+    # 10+ characters and no separator between them: separate boxes.
+    ("Step 1 gives \\boxed{2}. Step 2 then gives us \\boxed{3}", "3", "3"),
+    ("\\boxed{1} " + "x" * 80 + " and \\boxed{2}", "2", "2"),  # 70+ characters apart
+    # Boxes in separate $...$ chained by more than ", and/or": the last one alone;
+    # in one math environment: all of them.
+    ("$\\boxed{2}$ \\quad \\text{or} \\quad $\\boxed{5}$", "5", "5"),
+    ("$$\\boxed{2} \\quad \\text{or} \\quad \\boxed{5}$$", "\\{2, 5\\}", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", "\\frac{1}{2}"),
+    ("\\boxed 9.", "9", "9"),  # brace-less: math-verify has no box pattern for it
+    ("\\boxed{1}, \\boxed{2", "1", "1"),  # an unclosed box is not an answer
+]
+
+
+@pytest.mark.parametrize("text, reading, last", READINGS)
+def test_read_answer(text, reading, last):
+  """Hand-worked from math-verify's rules, and checked against its own parse."""
+  extracted, parsed = rewards.read_answer(text)
+  expected = math_verify.parse(f"${reading}$")[0]
+  assert parsed[0] == expected, (extracted, parsed)
+  assert math_verify.parse(text)[0] == expected  # plain math-verify on the response
+  extracted, parsed = rewards.read_answer(text, boxes="last")
+  assert extracted == last == rewards.extract_boxed(text)
+  assert parsed[0] == math_verify.parse(f"${last}$")[0]
+
+
+def test_many_boxes_are_read_by_the_last():
+  # math-verify's joining is quadratic in the number of boxes: past MAX_BOXES
+  # the last box alone is the answer.
+  few = "\\boxed{1}, " * 5 + "\\boxed{2}"
+  many = "\\boxed{1}, " * grader.MAX_BOXES + "\\boxed{2}"
+  assert rewards.read_answer(few)[1][0] == math_verify.parse("$\\{1, 2\\}$")[0]
+  assert rewards.read_answer(many)[0] == "2"
+
+
+def test_read_answer_without_a_box_is_no_answer():
+  assert math_verify.parse("The answer is 5.")[0] == 5  # plain math-verify reads prose
+  for text in ["The answer is 5.", "\\boxed{5", "", "\\boxed answer"]:
+    for boxes in rewards.BOXES:
+      assert rewards.read_answer(text, boxes) == (None, [])
+  with pytest.raises(ValueError, match="boxes must be one of"):
+    rewards.grade_one("\\boxed{1}", "1", boxes="first")
 
 
 def test_gold_text():
@@ -73,6 +173,11 @@ def test_gold_text():
   assert grader.gold_text(["$69$,$84$"]) == "69,84"
   assert grader.gold_text(["1", "2"]) == "1, 2"
   assert grader.gold_text("\\$18") == "\\$18"  # escaped dollars are content
+  # A worked solution as the ground truth is read by its boxes, as a response is.
+  solution = "So $x=2$ and $y=\\boxed{3}$ or $y = \\boxed{4}$."
+  assert rewards.grade_one("\\boxed{4}, \\boxed{3}", solution).correct
+  assert not rewards.grade_one("\\boxed{2}", solution).correct
+  assert reference(solution, "\\boxed{4}, \\boxed{3}") and not reference(solution, "\\boxed{2}")
 
 
 # ---- statuses
@@ -176,9 +281,12 @@ PAIRS = [
     ('percent', '25\\%', '30\\%', False),
     ('percent', '20', '25\\%', False),
     ('percent', '12.5\\%', '12.5\\%', True),
-    ('percent', '12.5', '12.5\\%', True),
+    # math-verify reads 12.5\\% as 0.125; it equates a bare number with a
+    # percent only for integers (50 == 50\\%), and so do we.
+    ('percent', '12.5', '12.5\\%', False),
     ('percent', '13', '12.5\\%', False),
-    ('percent', '12.5\\%', '12.5', True),
+    ('percent', '12.5\\%', '12.5', False),
+    ('percent', '\\frac18', '12.5\\%', True),
     ('percent', '7.5\\%', '0.075', True),
     ('percent', '7.5', '0.075', False),
     # degrees
@@ -232,9 +340,10 @@ PAIRS = [
     ('interval', '(0,\\infty)', '(0,\\infty)', True),
     ('interval', '[0,\\infty)', '(0,\\infty)', False),
     ('interval', '\\left(\\frac{3}{5},\\frac{8}{3}\\right]', '(0.6,\\frac{8}{3}]', True),
-    ('interval', '3 \\le x \\le 4', '[3,4]', True),
-    ('interval', 'x \\ge 2', '[2,\\infty)', True),
-    ('interval', 'x > 2', '[2,\\infty)', False),
+    # An inequality is not an interval (math-verify's default; see
+    # test_set_relation_option for allow_set_relation_comp=True).
+    ('interval', '3 \\le x \\le 4', '[3,4]', False),
+    ('interval', 'x \\ge 2', '[2,\\infty)', False),
     # tuple
     ('tuple', '(3, \\frac{\\pi}{2})', '\\left( 3, \\frac{\\pi}{2} \\right)', True),
     ('tuple', '(3,\\frac{\\pi}{3})', '\\left( 3, \\frac{\\pi}{2} \\right)', False),
@@ -343,6 +452,140 @@ def test_hand_checked_pairs(pool):
                 if (g.status == "correct") != expected]
   assert not mismatches, "\n".join(map(str, mismatches))
   assert {g.status for g in grades} <= {"correct", "wrong"}
+
+
+def test_hand_checked_labels_agree_with_math_verify():
+  """The hand labels above are also plain math-verify's verdicts."""
+  disagree = [(category, pred, gold, expected) for category, pred, gold, expected in PAIRS
+              if reference(gold, f"Thus the final answer is $\\boxed{{{pred}}}$.") != expected]
+  assert not disagree, "\n".join(map(str, disagree))
+
+
+# ---- the kinds the grader used to get wrong, against math-verify
+# (kind, ground truth, response, correct?): hand-worked, and checked against
+# plain math-verify (`reference`) as well as graded.
+
+KINDS = [
+    # several boxes against a set: math-verify joins boxes separated by a
+    # comma, "and", "or" into one set answer.
+    ("boxes_vs_set", "\\{-5, 3\\}", "The roots are $\\boxed{3}$ and $\\boxed{-5}$.", True),
+    ("boxes_vs_set", "\\{-5, 3\\}", "So $x = \\boxed{3}$ or $x = \\boxed{-5}$.", True),
+    ("boxes_vs_set", "-5, 3", "\\boxed{-5},\\boxed{3}", True),
+    ("boxes_vs_set", "\\{-5, 3\\}", "The root is \\boxed{3}.", False),  # one of two
+    ("boxes_vs_set", "\\{-5, 3\\}", "\\boxed{3}, \\boxed{-5}, \\boxed{7}", False),  # one too many
+    ("boxes_vs_set", "3", "\\boxed{3}, \\boxed{-5}", False),  # hedging is wrong
+    ("boxes_vs_set", "x=1, x=-2", "\\boxed{x = -2} \\quad \\text{or} \\quad \\boxed{x = 1}", True),
+    # no separator between them: only the last box is the answer
+    ("boxes_vs_set", "-5", "First \\boxed{3}. Checking it in the second equation fails so "
+     "the value left is \\boxed{-5}", True),
+    # tuples: a set of pairs, in any order, but each pair in order
+    ("tuples", "(2,3),(3,2)", "\\boxed{(2, 3)}, \\boxed{(3, 2)}", True),
+    ("tuples", "(2,3),(3,2)", "\\boxed{(3, 2)} and \\boxed{(2, 3)}", True),
+    ("tuples", "(2,3),(3,2)", "\\boxed{(2, 3), (3, 2)}", True),
+    ("tuples", "(2,3),(3,2)", "\\boxed{(2,3)}", False),
+    ("tuples", "(2,3),(-3,-2)", "\\boxed{(2, 3)}, \\boxed{(3, 2)}", False),
+    ("tuples", "(1, -1, 2)", "\\boxed{(1,-1,2)}", True),
+    ("tuples", "(1, -1, 2)", "\\boxed{(-1,1,2)}", False),
+    # "and"/"or" lists inside one box
+    ("and_list", "9, 4", "\\boxed{4 \\text{ and } 9}", True),
+    ("and_list", "9, 4", "\\boxed{4 \\text{ or } 9}", True),
+    ("and_list", "\\{4, 9\\}", "\\boxed{9 \\text{ and } 4}", True),
+    ("and_list", "9, 4", "\\boxed{4 \\text{ and } 8}", False),
+    ("and_list", "9, 4", "\\boxed{4, 9, 16}", False),
+    # percent: 35% is 0.35; a bare integer may drop the sign, a decimal may not
+    ("percent", "35", "\\boxed{35\\%}", True),
+    ("percent", "35\\%", "\\boxed{35}", True),
+    ("percent", "35\\%", "\\boxed{0.35}", True),
+    ("percent", "0.35", "\\boxed{35\\%}", True),
+    ("percent", "35\\%", "\\boxed{36\\%}", False),
+    ("percent", "12.5\\%", "\\boxed{\\frac{1}{8}}", True),
+    ("percent", "12.5\\%", "\\boxed{12.5}", False),
+    ("percent", "35\\%", "\\boxed{3.5}", False),
+    # thousands separators
+    ("thousands", "12345", "\\boxed{12,345}", True),
+    ("thousands", "12345", "\\boxed{12{,}345}", True),
+    ("thousands", "1234567", "\\boxed{1,234,567}", True),
+    ("thousands", "12,345", "\\boxed{12345}", True),
+    ("thousands", "12345", "\\boxed{12,346}", False),
+    ("thousands", "12345", "\\boxed{12 345}", False),  # math-verify: a product, not 12345
+    ("thousands", "\\{3, 5\\}", "\\boxed{3,5}", True),  # not three digits: a list
+]
+
+
+def test_kinds_cover_both_verdicts():
+  by_kind = collections.defaultdict(set)
+  for kind, _, _, expected in KINDS:
+    by_kind[kind].add(expected)
+  assert by_kind == {k: {True, False} for k in
+                     ("boxes_vs_set", "tuples", "and_list", "percent", "thousands")}
+
+
+def test_kinds_agree_with_math_verify(pool):
+  grades = pool.grade_batch([r for _, _, r, _ in KINDS], [g for _, g, _, _ in KINDS])
+  rows = [(kind, gold, response, expected, reference(gold, response), g.status)
+          for (kind, gold, response, expected), g in zip(KINDS, grades)]
+  wrong = [row for row in rows if not row[3] == row[4] == (row[5] == "correct")]
+  assert not wrong, "\n".join(map(str, wrong))
+
+
+def test_last_box_option(pool, last_box_pool):
+  # (ground truth, response, correct by math-verify's reading, correct by the last box)
+  cases = [
+      ("\\{1, 2\\}", "\\boxed{1}, \\boxed{2}", True, False),
+      ("2", "\\boxed{1}, \\boxed{2}", False, True),
+      ("3", "I first thought \\boxed{2}, but the answer is \\boxed{3}", False, True),
+      ("(2,3),(3,2)", "\\boxed{(2, 3)} and \\boxed{(3, 2)}", True, False),
+      ("3", "Step 1 gives \\boxed{2}. Step 2 then gives us \\boxed{3}", True, True),
+      ("3", "no box, the answer is 3", False, False),
+  ]
+  responses, golds = [c[1] for c in cases], [c[0] for c in cases]
+  joined, last = pool.grade_batch(responses, golds), last_box_pool.grade_batch(responses, golds)
+  assert [g.correct for g in joined] == [c[2] for c in cases]
+  assert [g.correct for g in last] == [c[3] for c in cases]
+  # The default is math-verify's own reading of the boxes; with no box at all
+  # mars has no answer, where plain math-verify reads the prose.
+  assert [reference(gold, r) for gold, r, _, _ in cases] == [c[2] for c in cases[:-1]] + [True]
+  assert [g.extracted for g in last] == [rewards.extract_boxed(r) for r in responses]
+  assert joined[0].extracted == "1,2" and last[0].extracted == "2"
+  assert [g.status for g in joined][-1] == [g.status for g in last][-1] == "no_answer"
+  assert rewards.grade_one(responses[1], "2", boxes="last").correct
+  with pytest.raises(ValueError, match="boxes must be one of"):
+    rewards.GraderPool(num_workers=1, boxes="first")
+
+
+def test_set_relation_option():
+  # (ground truth, answer, correct with allow_set_relation_comp=True)
+  cases = [("[3,4]", "3 \\le x \\le 4", True), ("[2,\\infty)", "x \\ge 2", True),
+           ("[2,\\infty)", "x > 2", False), ("(-1, 1)", "-1 < x < 1", True)]
+  for gold, answer, expected in cases:
+    response = f"\\boxed{{{answer}}}"
+    assert not rewards.grade_one(response, gold).correct  # math-verify's default
+    assert not reference(gold, response)
+    assert rewards.grade_one(response, gold, allow_set_relation_comp=True).correct == expected
+    assert math_verify.verify(math_verify.parse(f"${gold}$"), math_verify.parse(response),
+                              allow_set_relation_comp=True) == expected
+
+
+# ---- one extraction for the grade, the no-answer decision and the hints
+
+def test_grade_reads_what_read_answer_reads(pool, last_box_pool):
+  plain = [t for t, _ in _EXTRACT_CASES] + [t for t, _, _ in READINGS] + [r for _, _, r, _ in KINDS]
+  nasty = [r for r, _ in adversarial.adversarial_cases(n=36, seed=3)]
+  for p, boxes in ((pool, "math_verify"), (last_box_pool, "last")):
+    grades = p.grade_batch(plain + nasty, ["3"] * len(plain + nasty))
+    for response, g in zip(plain + nasty, grades):
+      # No answer exactly when there is no complete box: what the multi-attempt
+      # rules decide with extract_boxed.
+      assert (g.status == "no_answer") == (g.extracted is None) == (
+          rewards.extract_boxed(response) is None), (response[:80], g)
+    for response, g in zip(plain, grades):
+      extracted, _ = rewards.read_answer(response, boxes)
+      assert g.extracted == extracted, (response, g)
+      if g.status == "wrong":
+        # LTE de-duplicates hints with canonical_answer(extracted).
+        assert g.canonical == rewards.canonical_answer(extracted, timeout_s=None), response
+    if boxes == "last":
+      assert [g.extracted for g in grades] == [rewards.extract_boxed(r) for r in plain + nasty]
 
 
 # ---- canonical forms (LTE de-duplicates wrong answers with these)

@@ -4,17 +4,35 @@
 slow or hang on adversarial input (sympy), so the trainer never calls it
 directly: it goes through the pool, which adds a hard per-answer timeout.
 
-Comparison: the extracted box content and the ground truth are both parsed by
-math-verify (latex2sympy + sympy) and compared with `math_verify.verify`, which
-handles numbers, fractions (`\\dfrac`, `\\tfrac`, `a/b`), decimals vs fractions,
-percentages, degrees, `\\text{}` and units, intervals, tuples, sets, matrices
-and equations (`x=3` vs `3`). On top of math-verify:
-  * identical strings (ignoring whitespace) are correct without sympy;
-  * a trailing percent sign may be dropped on either side ("12.5\\%" == "12.5");
-  * an inequality may match an interval ("3 \\le x \\le 4" == "[3,4]");
-  * a list ground truth (OlympiadBench) must be matched as a whole, as a set;
-  * cheap guards (length, nesting, number size, matrix size) keep inputs that
-    would make sympy run away from reaching it: those compare as strings.
+Grading is math-verify's: the response's boxes are read by math-verify's own
+box extraction (`read_answer`), the ground truth by `math_verify.parse` with
+its default configs (`LatexExtractionConfig()`, `ExprExtractionConfig()`), and
+the two are compared by `math_verify.verify` with its default options. That
+covers several boxes as one set answer, numbers, thousands separators,
+fractions, decimals vs fractions, percentages, degrees, `\\text{}` and units,
+intervals, tuples, sets (in any order), "and"-lists, matrices and equations
+(`x=3` vs `3`).
+
+Where mars differs from plain `verify(parse(gold), parse(response))`, on purpose:
+  * the answer must be boxed: a response without a complete `\\boxed{}` is
+    "no_answer", even when math-verify would read a number from its prose (the
+    prompts ask for a box, and the multi-attempt reward gives no answer -1).
+    Within a boxed response only the box(es) are read: a "The final answer is
+    $X$" sentence elsewhere does not override the box.
+  * `boxes="last"` (an option) reads only the last box, as the multi-attempt
+    paper's reference does; math-verify's default, `boxes="math_verify"`, reads
+    `\\boxed{1}, \\boxed{2}` as the set {1, 2}. A box math-verify has no pattern
+    for (brace-less `\\boxed 9`, valid TeX) is read as the last box.
+  * `allow_set_relation_comp=True` (an option; math-verify's default is False)
+    lets an inequality match an interval (`3 \\le x \\le 4` == `[3,4]`).
+  * the ground truth's $ are dropped before math-verify reads it (`gold_text`).
+  * identical strings (ignoring leading and trailing whitespace) are correct
+    without comparing;
+  * cheap guards keep inputs that would make sympy or math-verify's box
+    joining run away from reaching them: with more than MAX_BOXES boxes, or a
+    box past the text guards (length, nesting, matrix size), the last box
+    alone is read; an answer past the guards (those, or number size) is never
+    compared, so only an identical string can be right.
 math-verify's own timeouts are turned off: they use `signal.alarm` with whole
 seconds and would cancel our finer SIGALRM timer (`soft_time_limit`); the
 pool's process kill is the hard bound.
@@ -33,9 +51,11 @@ import math_verify.grader
 import math_verify.parser
 import sympy
 
-from mars.rewards.extract import extract_boxed
+from mars.rewards.extract import extract_boxed, extract_boxes
 
 STATUSES = ("correct", "wrong", "no_answer", "timeout", "error")
+# Which box(es) hold the answer (see `grade_one`).
+BOXES = ("math_verify", "last")
 
 # Cheap guards before sympy. Past them an answer is compared as a string only
 # (so it can still be exactly right, but is never simplified). Real answers sit
@@ -48,10 +68,25 @@ MAX_MATRIX_ENTRIES = 64
 MAX_DET_CELLS = 16  # latex2sympy expands \det while parsing: cubic and worse.
 MAX_SUM_TERMS = 10_000
 
-_PARSE_CONFIG = (math_verify.LatexExtractionConfig(boxed_match_priority=0),
-                 math_verify.ExprExtractionConfig())
+# math-verify's default extraction configs (those of `math_verify.parse`).
+_LATEX_CONFIG = math_verify.LatexExtractionConfig()
+_PARSE_CONFIG = (_LATEX_CONFIG, math_verify.ExprExtractionConfig())
+# math-verify's own box patterns, the two it ranks at `boxed_match_priority`:
+# a math environment ($...$, \[...\]) holding boxes, possibly chained to more
+# by ", and/or", and a bare run from the first \boxed{ to the last }. Its
+# other patterns ("The final answer is $X$", "answer: X", any number in the
+# prose) are left out: for mars the answer is what is boxed.
+_BOX_PATTERNS = [(pattern, priority) for pattern, priority
+                 in math_verify.parser.lazy_latex_regex(_LATEX_CONFIG)
+                 if priority == _LATEX_CONFIG.boxed_match_priority and "boxed" in pattern.pattern]
+if len(_BOX_PATTERNS) != 2:
+  raise ImportError(f"math-verify's box patterns changed (expected 2, found "
+                    f"{len(_BOX_PATTERNS)}): mars/rewards/grader.py needs updating")
+# Past this many boxes a response is read by its last box alone: math-verify's
+# joining of boxes is quadratic in their number (1,000 boxes take ~0.05 s,
+# 10,000 ~0.6 s). No real answer has that many.
+MAX_BOXES = 1000
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-_TRAILING_PERCENT = re.compile(r"\s*\\?%\s*$")
 
 # We pass timeouts of None on purpose (see module docstring); silence the
 # one-time "timeout disabled" warnings.
@@ -63,12 +98,17 @@ math_verify.parser.TIMEOUT_WARNING_SHOWN = True
 class Grade:
   """One graded response.
 
-  status: correct | wrong | no_answer | timeout | error. "no_answer" means no
-    complete \\boxed{} (the multi-attempt reward gives it -1, not -0.5).
-  extracted: the last complete box's content ("" for `\\boxed{}`), or None.
-  canonical: a de-duplication key for `extracted` (0.5, \\frac12, 1/2 and
-    \\dfrac{1}{2} share one), used to build LTE's wrong-answer hints. None when
-    there is no extracted answer or grading did not finish.
+  status: correct | wrong | no_answer | timeout | error. "no_answer" exactly
+    when the response has no complete box (`extract_boxed` is None, as in the
+    multi-attempt rules; that reward gives it -1, not -0.5); a box math-verify
+    cannot read is "wrong".
+  extracted: the answer text `read_answer` read ("" for `\\boxed{}`; "1,2" for
+    `\\boxed{1}, \\boxed{2}`; the last box when grading did not finish), or
+    None when there is no box.
+  canonical: a de-duplication key from that same parse (0.5, \\frac12, 1/2 and
+    \\dfrac{1}{2} share one; it is `canonical_answer(extracted)`), used to build
+    LTE's wrong-answer hints. None when there is no answer or grading did not
+    finish.
   """
   status: str
   extracted: str | None = None
@@ -114,11 +154,14 @@ def soft_time_limit(seconds: float | None):
 
 
 def gold_text(answer) -> str:
-  """Ground truth as one LaTeX string (no $ delimiters).
+  """Ground truth as one LaTeX answer string (no $ delimiters).
 
   A list (OlympiadBench `final_answer`) is a multi-part answer: its items are
-  joined with ", " so that math-verify compares them as a set, and a response
-  must give all of them. Whole floats ("27.0" in AMC) become integers.
+  joined with ", " so that math-verify reads them as one set, and a response
+  must give all of them. Whole floats (27.0 in AMC) become integers. The $ are
+  dropped rather than left to math-verify: data sets put stray ones inside
+  answers ("$221,$8$" in OlympiadBench, "x_0 \\cos t+$ $\\dot{x}_0" in Minerva),
+  which would hide part of the answer from it.
   """
   if isinstance(answer, (list, tuple)):
     return ", ".join(filter(None, (gold_text(a) for a in answer)))
@@ -166,7 +209,7 @@ def _log10_size(expr, memo: dict) -> float | None:
   elif isinstance(expr, sympy.Pow):
     base, exponent = (_log10_size(a, memo) for a in expr.args)
     if base is not None and exponent is not None:
-      size = math.inf if exponent > 300 else (base + 1) * 10.0**exponent
+      size = math.inf if exponent > 300 else (base + 1) * _magnitude_bound(expr.args[1], exponent, memo)
   elif isinstance(expr, sympy.factorial):
     n = _log10_size(expr.args[0], memo)
     if n is not None:
@@ -177,6 +220,24 @@ def _log10_size(expr, memo: dict) -> float | None:
       size = sum(sizes) + 1
   memo[expr] = size
   return size
+
+
+def _magnitude_bound(expr, size: float, memo: dict) -> float:
+  """An upper bound on |expr|, a numeric subtree of log10 size `size` <= 300.
+
+  The size bounds both |x| and 1/|x|, so 10**size is loose for an exponent
+  whose terms may cancel: it would call 10^{(sqrt(13) - 5)/6} huge. When every
+  node of the subtree is sized within 10^{+-300}, a 15-digit evalf of it is
+  cheap and gives the bound directly.
+  """
+  bound = 10.0**size
+  sizes = (memo.get(node) for node in sympy.preorder_traversal(expr))
+  if not all(s is not None and s <= 300 for s in sizes):
+    return bound
+  try:
+    return min(bound, float(abs(sympy.N(expr, 15))))
+  except (TypeError, ValueError, ArithmeticError):
+    return bound
 
 
 def _too_costly(expr) -> bool:
@@ -206,37 +267,50 @@ def _squash(text: str) -> str:
 
 
 def _parse(latex: str) -> list:
-  """math-verify parse of a bare answer: [sympy expr, str] or [str] or []."""
-  return math_verify.parse("\\boxed{" + latex + "}", _PARSE_CONFIG,
-                           parsing_timeout=None)
+  """math-verify parse of a bare answer: [sympy expr, str] or [str] or [].
 
-
-def _without_percent(latex: str) -> str | None:
-  """"12.5\\%" -> "12.5" (None if there is no trailing percent sign)."""
-  stripped = _TRAILING_PERCENT.sub("", latex)
-  return stripped if stripped != latex and stripped else None
-
-
-def _with_alternatives(latex: str, parsed: list) -> list:
-  """Parsed forms of an answer plus its percent-less reading.
-
-  math-verify equates "50%" with "50" only for integers; "12.5%" vs "12.5" is
-  the same answer written with or without the unit, so we try both readings.
+  The box makes math-verify read the whole text as one answer (its boxed
+  extraction), which is how it reads the response's box(es) too.
   """
-  bare = _without_percent(latex)
-  return parsed + _parse(bare) if bare else parsed
+  return math_verify.parse("\\boxed{" + latex + "}", _PARSE_CONFIG, parsing_timeout=None)
+
+
+def _read_boxes(text: str) -> list:
+  """math-verify's reading of the boxes in `text`: [expr, str], [str] or [].
+
+  `math_verify.parse` restricted to its box patterns (see _BOX_PATTERNS): the
+  rightmost match wins; boxes it joins (a comma, "and" or "or" between them,
+  or one math environment holding them) are one set answer; the str is its
+  normalized LaTeX of what it read.
+  """
+  try:
+    return math_verify.parser.extract_target_from_pred(
+        text, [(_BOX_PATTERNS, _LATEX_CONFIG)], fallback_mode="first_match",
+        extraction_mode="any_match")
+  except Exception:  # pylint: disable=broad-except
+    return []  # as math_verify.parse does
 
 
 @functools.lru_cache(maxsize=4096)
-def _gold_forms(gold: str) -> tuple[list, str]:
-  """(parsed readings, canonical) of a ground truth.
+def _gold_parsed(gold: str) -> list:
+  """math-verify's reading of a ground truth ([] when too costly to parse:
+  then only the exact-string match can make an answer correct).
 
-  Cached: the same ground truth is graded G times per step (GRPO groups).
+  Boxed, as an answer is: plain `parse` would find nothing in a bare
+  "\\sqrt{3}". A ground truth that is a worked solution with boxes is read as
+  a response is. Cached: the same ground truth is graded G times per step
+  (GRPO groups).
   """
-  if _text_too_costly(gold):
-    return [gold], _squash(gold)
-  parsed = _parse(gold)
-  return _with_alternatives(gold, parsed), _canonical_from_parsed(parsed, gold)
+  boxes = extract_boxes(gold)
+  if boxes:
+    if len(boxes) > MAX_BOXES or any(map(_text_too_costly, boxes)):
+      return []
+    parsed = _read_boxes(gold)
+  elif _text_too_costly(gold):
+    return []
+  else:
+    parsed = _parse(gold)
+  return [] if parsed and _too_costly(parsed[0]) else parsed
 
 
 def _canonical_from_parsed(parsed: list, text: str) -> str:
@@ -256,10 +330,11 @@ def _canonical_from_parsed(parsed: list, text: str) -> str:
 def canonical_answer(text: str, timeout_s: float = 0.5) -> str:
   """De-duplication key for an extracted answer; cheap and never raises.
 
-  Uses math-verify (sympy) within the same guards as grading, under a
-  `soft_time_limit` of `timeout_s`; anything else, or any failure, falls back to
-  the whitespace-free string. Inside the grader pool `Grade.canonical` carries
-  the same key, computed in the worker: prefer it in the trainer.
+  The key `grade_one` gives `Grade.canonical` for this answer text: the sympy
+  string of its math-verify parse within the same guards, under a
+  `soft_time_limit` of `timeout_s`; anything else, or any failure, falls back
+  to the whitespace-free string. Inside the grader pool `Grade.canonical`
+  carries the same key, computed in the worker: prefer it in the trainer.
   """
   if text is None:
     return ""
@@ -269,20 +344,53 @@ def canonical_answer(text: str, timeout_s: float = 0.5) -> str:
   try:
     with soft_time_limit(timeout_s):
       parsed = _parse(text)
-      if parsed and _too_costly(parsed[0]):
-        return _squash(text)
-      return _canonical_from_parsed(parsed, text)
+      return _canonical_from_parsed([] if parsed and _too_costly(parsed[0]) else parsed, text)
   except (Exception, SoftTimeout):  # pylint: disable=broad-except
     return _squash(text)
 
 
-def grade_one(response: str, answer) -> Grade:
+def read_answer(response, boxes: str = "math_verify") -> tuple[str | None, list]:
+  """(extracted text, math-verify parse) of a response; (None, []) without a box.
+
+  boxes="math_verify": math-verify's own reading of the boxes (`_read_boxes`);
+    the extracted text is its normalized LaTeX ("1,2" for `\\boxed{1},
+    \\boxed{2}`). A box it does not match (brace-less `\\boxed 9`), or boxes
+    past the guards, leave the last box.
+  boxes="last": the last complete box (`extract_boxed`), as written.
+  No complete box is no answer in both modes, whatever math-verify could read
+  from the prose. A last box past the text guards is not parsed ([]).
+  """
+  if isinstance(response, bytes):
+    response = response.decode("utf-8", "replace")
+  response = str(response)
+  found = extract_boxes(response)
+  if not found:
+    return None, []
+  if (boxes == "math_verify" and len(found) <= MAX_BOXES
+      and not any(map(_text_too_costly, found))):
+    read = _read_boxes(response)
+    text = next((r for r in reversed(read) if isinstance(r, str)), None)
+    if read and text is not None:
+      return text, read
+  last = found[-1]
+  return last, [] if _text_too_costly(last) else _parse(last)
+
+
+def grade_one(response, answer, boxes: str = "math_verify",
+              allow_set_relation_comp: bool = False) -> Grade:
   """Grades one response against `answer` (str, number or list of str).
+
+  boxes: which box(es) hold the answer, see `read_answer`: "math_verify"
+    (math-verify's reading: joined boxes form a set) or "last".
+  allow_set_relation_comp: `math_verify.verify`'s option (inequality vs interval).
 
   Never raises on model output: exceptions give status "error", and a
   SoftTimeout (from an enclosing `soft_time_limit`, as in the pool's workers)
-  gives status "timeout".
+  gives status "timeout". A grade that does not finish reports the last box
+  as `extracted`.
   """
+  if boxes not in BOXES:
+    raise ValueError(f"boxes must be one of {BOXES}, got {boxes!r}")
   extracted = None
   try:
     if isinstance(response, bytes):
@@ -290,22 +398,22 @@ def grade_one(response: str, answer) -> Grade:
     extracted = extract_boxed(str(response))
     if extracted is None:
       return Grade("no_answer")
+    extracted, parsed = read_answer(response, boxes)
+    if parsed and _too_costly(parsed[0]):
+      parsed = []  # never compared: only the identical string below can be right
+    canonical = _canonical_from_parsed(parsed, extracted)
     if not extracted.strip():
       return Grade("wrong", extracted, "")  # \boxed{}: answered, never correct.
     gold = gold_text(answer)
-    if gold and _squash(extracted) == _squash(gold):
-      # Same text as the ground truth: no sympy for the response at all.
-      return Grade("correct", extracted, _gold_forms(gold)[1])
-    if _text_too_costly(extracted):
-      return Grade("wrong", extracted, _squash(extracted))
-    parsed = _parse(extracted)
-    if parsed and _too_costly(parsed[0]):
-      return Grade("wrong", extracted, _squash(extracted))
-    canonical = _canonical_from_parsed(parsed, extracted)
-    gold_parsed = _gold_forms(gold)[0] if gold else []
-    candidates = _with_alternatives(extracted, parsed)
-    ok = bool(gold_parsed) and bool(candidates) and math_verify.verify(
-        gold_parsed, candidates, allow_set_relation_comp=True, timeout_seconds=None)
+    if gold and extracted.strip() == gold:
+      # Same text as the ground truth: correct without comparing (also past
+      # the guards). Whitespace inside must match too: math-verify reads
+      # "12 345" as 357.
+      return Grade("correct", extracted, canonical)
+    gold_parsed = _gold_parsed(gold) if gold else []
+    ok = bool(gold_parsed) and bool(parsed) and math_verify.verify(
+        gold_parsed, parsed, allow_set_relation_comp=allow_set_relation_comp,
+        timeout_seconds=None)
     return Grade("correct" if ok else "wrong", extracted, canonical)
   except SoftTimeout:
     return Grade("timeout", extracted, None)

@@ -27,7 +27,7 @@ import time
 
 from mars.rewards import ipc
 from mars.rewards.extract import extract_boxed
-from mars.rewards.grader import Grade
+from mars.rewards.grader import BOXES, Grade
 
 # Root of the `mars` package checkout, so that workers import the same code.
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -86,13 +86,25 @@ class GraderPool:
     memory_limit_mb: RLIMIT_AS per worker (0: none).
     startup_timeout_s: how long a new worker may take to import (environment
       errors raise RuntimeError; they are not model output).
+    boxes: which box(es) hold the answer: "math_verify" (math-verify's own
+      reading: `\\boxed{1}, \\boxed{2}` is the set {1, 2}) or "last" (the last
+      box only, as the multi-attempt paper's reference grader reads it). See
+      `grader.read_answer`.
+    allow_set_relation_comp: `math_verify.verify`'s option; True lets an
+      inequality match an interval (`3 \\le x \\le 4` == `[3,4]`). math-verify's
+      default, False, is ours.
   """
 
   def __init__(self, num_workers: int = 2, timeout_s: float = 2.0,
                max_tasks_per_worker: int = 2000, spare_workers: int = 1,
-               memory_limit_mb: int = 4096, startup_timeout_s: float = 120.0):
+               memory_limit_mb: int = 4096, startup_timeout_s: float = 120.0,
+               boxes: str = "math_verify", allow_set_relation_comp: bool = False):
     if num_workers < 1:
       raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if boxes not in BOXES:
+      raise ValueError(f"boxes must be one of {BOXES}, got {boxes!r}")
+    # Sent with every task, so that the workers need no restart to change them.
+    self.options = {"boxes": boxes, "allow_set_relation_comp": bool(allow_set_relation_comp)}
     self.num_workers = num_workers
     self.timeout_s = float(timeout_s)
     self.max_tasks_per_worker = max_tasks_per_worker
@@ -121,7 +133,7 @@ class GraderPool:
     responses, answers = list(responses), list(answers)
     if len(responses) != len(answers):
       raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-    tasks = [("grade", r, a) for r, a in zip(responses, answers)]
+    tasks = [("grade", r, a, self.options) for r, a in zip(responses, answers)]
     replies = self._run(tasks)
     return [reply if isinstance(reply, Grade) else Grade(*reply)
             for reply in replies]
@@ -249,12 +261,13 @@ def _failed(task, status: str):
   """Reply for a task whose worker was killed or died.
 
   The extracted answer is still reported (extraction is linear and safe here),
-  so a timed-out attempt still counts as "boxed" for the multi-attempt reward.
+  so a timed-out attempt still counts as answered for the multi-attempt reward.
   """
   if task[0] == "grade":
     response = task[1]
-    extracted = extract_boxed(response) if isinstance(response, str) else None
-    return Grade(status, extracted, None)
+    if isinstance(response, bytes):
+      response = response.decode("utf-8", "replace")
+    return Grade(status, extract_boxed(str(response)), None)
   return "".join(str(task[1]).split())
 
 

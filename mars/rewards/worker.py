@@ -3,7 +3,8 @@
 Started by `pool.GraderPool`. Reads length-prefixed pickled requests on stdin,
 writes one length-prefixed pickled reply per request on (the original) stdout:
 
-  ("grade", response, answer) -> (status, extracted, canonical)
+  ("grade", response, answer, options) -> (status, extracted, canonical)
+                                 options: grade_one's keyword arguments
   ("canonical", text)         -> canonical string
   first message, unprompted   -> ("ready",)
 
@@ -59,14 +60,17 @@ def _handle(message, soft_timeout_s: float):
     with grader.soft_time_limit(soft_timeout_s):
       if kind == "grade":
         _test_hook(message[1])
-        g = grader.grade_one(message[1], message[2])
+        g = grader.grade_one(message[1], message[2], **message[3])
         return (g.status, g.extracted, g.canonical)
       if kind == "canonical":
         return grader.canonical_answer(message[1], timeout_s=None)
   except grader.SoftTimeout:  # fired between grade_one's return and disarming.
     pass
-  if kind == "grade":
-    return ("timeout", None, None)
+  if kind == "grade":  # the last box, as for an item the pool had to kill
+    response = message[1]
+    if isinstance(response, bytes):
+      response = response.decode("utf-8", "replace")
+    return ("timeout", grader.extract_boxed(str(response)), None)
   return "".join(str(message[1]).split())
 
 
