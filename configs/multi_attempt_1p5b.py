@@ -147,6 +147,7 @@ def get_config():
   c.train.steps = 160 * (8523 // 1024)  # 1280
   c.train.ckpt_every = 8
   c.train.keep = 2
+  c.train.grader_boxes = "last"  # the reference grades an attempt's last box (mul:129-210)
   c.train.eval_every = 8
   c.eval.benchmarks = "math500,aime24,amc23,minerva_math,olympiadbench"
   c.eval.mode = "attempts"

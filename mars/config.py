@@ -131,6 +131,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoint = True
   c.train.grader_workers = 2
   c.train.grader_timeout_s = 5.0
+  # Which box holds the answer: "math_verify" (math-verify's own reading: boxes
+  # joined by "," / "and" form one set) or "last" (the last box alone, as the
+  # multi-attempt reference grades an attempt). See mars.rewards.read_answer.
+  c.train.grader_boxes = "math_verify"
   c.train.eval_every = 0          # 0 = no periodic eval
 
   c.eval = ml_collections.ConfigDict()
@@ -252,6 +256,10 @@ def validate(c, num_devices: int = None) -> None:
       if n % data:
         raise ConfigError(f"{what}={n} is not divisible by the data×fsdp mesh size {data} "
                           f"(mesh_shape {tuple(shape)}).")
+  from mars.rewards import BOXES
+  if c.train.grader_boxes not in BOXES:
+    raise ConfigError(f"Unknown train.grader_boxes {c.train.grader_boxes!r}; choose one of "
+                      f"{BOXES}.")
   if not 0 < c.rollout.top_p <= 1:
     raise ConfigError(f"rollout.top_p must be in (0, 1], got {c.rollout.top_p}.")
   if c.train.steps < 1:

@@ -71,12 +71,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.greedy = True                 # attempts: greedy decoding (one episode per problem)
   c.budget = 0                    # attempts: tokens shared by an episode's attempts; 0 = the run's (else 3000)
   c.chunk_tokens = 0              # attempts: tokens between host checks for an attempt's end; 0 = the run's (else 64)
-  c.attempt_end = "boxed"         # attempts: boxed | eos (see mars.episodes.multi_attempt)
+  c.attempt_end = "boxed"         # attempts: boxed | chunk | eos (see mars.episodes.attempts)
   c.limit = 0                     # problems per benchmark (seeded subsample); 0 = all
   c.seed = 0
   c.batch_size = 16               # prompts per generate call; passk rows = batch_size x n
   c.grader_workers = 2
   c.grader_timeout_s = 5.0
+  c.grader_boxes = ""             # math_verify | last; "" = the run's (else math_verify)
   c.dtype = "bfloat16"            # param dtype for HF checkpoints (a run uses its own)
   c.mesh_shape = (1, -1, 1)       # (data, fsdp, tensor); prompts are padded to data x fsdp
   c.data_dir = ""                 # TFDS dir ("" = $MARS_TFDS_DIR or ~/.cache/mars/tfds)
@@ -124,6 +125,9 @@ def validate(cfg) -> list:
       raise EvalError(f"{field} must be >= 0 (0 = the run's own), got {cfg[field]}.")
   if cfg.limit < 0 or cfg.batch_size < 1:
     raise EvalError(f"limit must be >= 0 and batch_size >= 1, got {cfg.limit}, {cfg.batch_size}.")
+  from mars.rewards import BOXES
+  if cfg.grader_boxes and cfg.grader_boxes not in BOXES:
+    raise EvalError(f"Unknown grader_boxes {cfg.grader_boxes!r}; choose one of {BOXES}.")
   from mars.demo_task import RULES
   if cfg.candidates_rule and cfg.candidates_rule not in RULES:
     raise EvalError(f"Unknown candidates_rule {cfg.candidates_rule!r}; choose one of {RULES}.")
@@ -176,6 +180,7 @@ RUN_DEFAULTS = {  # eval field: (path in the run's config.json, fallback)
     "max_new_tokens": (("rollout", "max_new_tokens"), 4096),
     "budget": (("episode", "budget"), 3000),
     "chunk_tokens": (("episode", "chunk_tokens"), 64),
+    "grader_boxes": (("train", "grader_boxes"), "math_verify"),
 }
 
 
@@ -433,7 +438,8 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
   tokenizer, model_cfg, params, step = load_checkpoint(checkpoint, cfg, mesh, step)
   close = lambda: None
   if grade_fn is None:
-    pool = rewards.GraderPool(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
+    pool = rewards.GraderPool(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s,
+                              boxes=cfg.grader_boxes)
     grade_fn, close = pool.grade_batch, pool.close
   sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                              mesh=mesh, queue_len=128)

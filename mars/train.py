@@ -156,7 +156,8 @@ def make_grade_fn(config):
   """Grading in the worker pool (hard timeouts); returns (grade_fn, close)."""
   from mars import rewards
   pool = rewards.GraderPool(num_workers=config.train.grader_workers,
-                            timeout_s=config.train.grader_timeout_s)
+                            timeout_s=config.train.grader_timeout_s,
+                            boxes=config.train.grader_boxes)
   return pool.grade_batch, pool.close
 
 

@@ -72,6 +72,8 @@ def test_tiny_config_validates():
     (dict(episode=dict(attempt_end="chunk", max_chunks=-1)), "episode.max_chunks must be >= 0"),
     (dict(episode=dict(chunk_tokens=0)), "episode.chunk_tokens must be >= 1"),
     (dict(eval=dict(attempt_end="first")), "Unknown eval.attempt_end 'first'"),
+    (dict(train=dict(grader_boxes="first")), "Unknown train.grader_boxes 'first'"),
+    (dict(model=dict(dtype="bfloat16")), "model.dtype='bfloat16' stores the trained params"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
   c = load("tiny")
