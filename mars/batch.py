@@ -30,6 +30,12 @@ class RolloutBatch:
   group_id: Any          # [B] int32     question a row belongs to
   is_off_policy: Any     # [B] bool      LTE replacements: f(r) shaping, no clip
   truncated: Any         # [B] bool      hit the length / budget limit
+  # The sampler's own logp of each model token, under the context it was
+  # sampled in. Equal to behaviour_logp except on LTE rows whose behaviour logp
+  # the trainer rescored (rl.recompute_old_logp): ρ = exp(old_logp − sampler_logp)
+  # is the sampler-vs-trainer ratio of mars.rl.correction.
+  sampler_logp: Any = None  # [B, T] f32
+  policy_version: Any = None  # [B] int32  train step whose params sampled the row
 
   @property
   def shape(self):
@@ -55,4 +61,5 @@ def empty_batch(batch_size: int, length: int, xp=np) -> RolloutBatch:
       behaviour_logp=z(np.float32), old_logp=z(np.float32),
       ref_logp=z(np.float32), values=z(np.float32),
       reward=zb(np.float32), group_id=zb(np.int32),
-      is_off_policy=zb(bool), truncated=zb(bool))
+      is_off_policy=zb(bool), truncated=zb(bool),
+      sampler_logp=z(np.float32), policy_version=zb(np.int32))

@@ -8,6 +8,8 @@ import ml_collections
 ALGORITHMS = ("ppo", "grpo", "dapo")
 EPISODE_KINDS = ("single_turn", "multi_attempt")
 ADV_ESTIMATORS = ("gae", "grpo", "rloo", "drgrpo", "attempt_rloo")
+LOSSES = ("ppo", "gspo", "gspo_token", "cispo")              # mars.rl.losses.LOSS_TYPES
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis", "icepop")       # mars.rl.correction.METHODS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -48,6 +50,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.reward_correct = 1.0  # single-turn rewards (binary by default)
   c.rollout.reward_wrong = 0.0
   c.rollout.truncated_is_failure = True  # cut at max_new_tokens = fail (LTE's "overlong")
+  # One-step-off-policy rollouts (mars/async_rollout.py): 0 = synchronous (sample
+  # with the params being trained, today's loop); 1 = the batch trained at step t
+  # was sampled with step t-1's params, while step t-1's update ran. Needs
+  # rl.recompute_old_logp=True (the proximal old_logp is the trainer's current
+  # policy; rollout_correction then corrects for the stale sampler). > 1 would
+  # need partial rollouts (a rollout spanning updates), which mars lacks.
+  c.rollout.staleness = 0
 
   c.episode = ml_collections.ConfigDict()
   c.episode.kind = "single_turn"  # single_turn | multi_attempt
@@ -114,6 +123,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.dynamic_sampling = False   # DAPO: drop all-equal groups, resample until full
   c.rl.max_resample_rounds = 3
   c.rl.overlong_buffer = 0        # DAPO overlong shaping buffer (tokens); 0 = off
+  # On-policy surrogate (docs/offpolicy.md says when to use which):
+  #   ppo        PPO-clip with eps_low/eps_high (PPO, GRPO, DAPO's clip-higher);
+  #   gspo       GSPO (Zheng et al. 2025): one ratio per sequence, the geometric
+  #              mean of its token ratios, clipped at the sequence level;
+  #   gspo_token GSPO-token: same value, per-token advantages in the gradient;
+  #   cispo      CISPO (MiniMax-M1): clip the stop-gradient IS weight, not the update.
+  c.rl.loss = "ppo"
+  c.rl.gspo_eps_low = 3e-4        # GSPO paper §5.1: clip range (3e-4, 4e-4)
+  c.rl.gspo_eps_high = 4e-4
+  c.rl.cispo_eps_low = 1.0        # >= 1: no lower bound on the IS weight (MiniMax-M1 §3.1)
+  c.rl.cispo_eps_high = 5.0       # weight <= 1 + 5 (an assumption; the paper tunes it, unpublished)
+  # Rollout correction on ρ = π_trainer / π_sampler per token (mars/rl/correction.py;
+  # needs recompute_old_logp=True). LTE's hinted rows: ρ of the behaviour
+  # denominator (trainer vs sampler under the hinted prompt).
+  #   none    no correction (ρ is still logged as rollout_corr/*)
+  #   tis     weight min(ρ, tis_cap)                 (Yao et al. 2025)
+  #   mis     weight ρ inside [mis_lo, mis_hi], else drop   (masked IS)
+  #   icepop  drop tokens with ρ outside [icepop_alpha, icepop_beta]   (Ring-1T)
+  c.rl.rollout_correction = "none"
+  c.rl.rollout_correction_level = "token"    # token | sequence (tis, mis)
+  c.rl.rollout_seq_ratio = "geometric"       # a sequence's ρ: geometric (mean) | product
+  c.rl.tis_cap = 2.0              # C (Yao et al. 2025)
+  c.rl.mis_lo = 0.5
+  c.rl.mis_hi = 2.0
+  c.rl.icepop_alpha = 0.5         # Ring-1T report
+  c.rl.icepop_beta = 5.0
 
   c.actor_optim = _optim(lr=1e-6)
   c.critic_optim = _optim(lr=1e-5)
@@ -215,6 +250,7 @@ def validate(c, num_devices: int = None) -> None:
   if c.eval.get("attempt_end", ATTEMPT_ENDS[0]) not in ATTEMPT_ENDS:
     raise ConfigError(f"Unknown eval.attempt_end {c.eval.attempt_end!r}; choose one of "
                       f"{ATTEMPT_ENDS}.")
+  _validate_offpolicy(c)
   if c.lte.enabled and c.algorithm == "ppo":
     raise ConfigError("LTE works over GRPO groups: set algorithm='grpo' (or 'dapo') with lte.")
   for name in ("actor_optim", "critic_optim"):
@@ -264,6 +300,61 @@ def validate(c, num_devices: int = None) -> None:
     raise ConfigError(f"rollout.top_p must be in (0, 1], got {c.rollout.top_p}.")
   if c.train.steps < 1:
     raise ConfigError(f"train.steps must be >= 1, got {c.train.steps}.")
+
+
+def _validate_offpolicy(c) -> None:
+  """rl.loss, rl.rollout_correction and rollout.staleness (docs/offpolicy.md)."""
+  rl = c.rl
+  loss = rl.get("loss", "ppo")
+  corr = rl.get("rollout_correction", "none")
+  level = rl.get("rollout_correction_level", "token")
+  if loss not in LOSSES:
+    raise ConfigError(f"Unknown rl.loss {loss!r}; choose one of {LOSSES}.")
+  if corr not in ROLLOUT_CORRECTIONS:
+    raise ConfigError(f"Unknown rl.rollout_correction {corr!r}; choose one of "
+                      f"{ROLLOUT_CORRECTIONS}.")
+  if level not in ("token", "sequence"):
+    raise ConfigError(f"Unknown rl.rollout_correction_level {level!r}; choose 'token' or "
+                      f"'sequence'.")
+  if rl.get("rollout_seq_ratio", "geometric") not in ("geometric", "product"):
+    raise ConfigError(f"Unknown rl.rollout_seq_ratio {rl.rollout_seq_ratio!r}; choose "
+                      f"'geometric' or 'product'.")
+  if rl.get("tis_cap", 2.0) <= 0:
+    raise ConfigError(f"rl.tis_cap must be > 0 (C of min(ρ, C)), got {rl.tis_cap}.")
+  for lo, hi in (("mis_lo", "mis_hi"), ("icepop_alpha", "icepop_beta")):
+    if not 0 <= rl.get(lo, 0.5) < rl.get(hi, 2.0):
+      raise ConfigError(f"rl.{lo}={rl[lo]} and rl.{hi}={rl[hi]} must satisfy "
+                        f"0 <= {lo} < {hi}.")
+  for name in ("gspo_eps_low", "gspo_eps_high", "cispo_eps_low", "cispo_eps_high"):
+    if rl.get(name, 1.0) <= 0:
+      raise ConfigError(f"rl.{name} must be > 0, got {rl[name]}.")
+  if corr != "none" and not rl.recompute_old_logp:
+    raise ConfigError(f"rl.rollout_correction={corr!r} needs rl.recompute_old_logp=True: "
+                      f"with the sampler's logp as old_logp, ρ = 1 by construction.")
+  if corr == "icepop" and level != "token":
+    raise ConfigError("rl.rollout_correction='icepop' masks tokens: set "
+                      "rl.rollout_correction_level='token' (or use 'mis' per sequence).")
+  if corr != "none" and c.lte.enabled and rl.offpolicy_behaviour_one:
+    raise ConfigError("rl.rollout_correction acts on LTE's behaviour denominator, which "
+                      "rl.offpolicy_behaviour_one=True (LUFFY) replaces by 1; drop one of them.")
+  if loss != "ppo" and rl.dual_clip_c is not None:
+    raise ConfigError(f"rl.dual_clip_c is a PPO-clip option; rl.loss={loss!r} has no dual "
+                      f"clip.")
+  if loss in ("gspo", "gspo_token") and rl.agg_mode != "seq-mean-token-mean":
+    raise ConfigError(f"rl.loss={loss!r} averages per sequence (GSPO eq. 5): set "
+                      f"rl.agg_mode='seq-mean-token-mean', not {rl.agg_mode!r}.")
+  if loss == "gspo" and corr != "none" and level != "sequence":
+    raise ConfigError(f"rl.loss='gspo' has one ratio per sequence: a token-level "
+                      f"{corr!r} breaks it; set rl.rollout_correction_level='sequence' "
+                      f"(or rl.loss='gspo_token').")
+  staleness = c.rollout.get("staleness", 0)
+  if staleness not in (0, 1):
+    raise ConfigError(f"rollout.staleness={staleness}: only 0 (synchronous) and 1 (one-step-"
+                      f"off) are supported; more needs partial-rollout support, which mars "
+                      f"does not have.")
+  if staleness and not rl.recompute_old_logp:
+    raise ConfigError("rollout.staleness=1 samples with the previous step's params: set "
+                      "rl.recompute_old_logp=True so old_logp is the trainer's current policy.")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -505,22 +505,48 @@ def prepare_batch(run: Run, host_batch):
   return batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values), recomputed
 
 
-def train_one_step(run: Run, step: int, adv_fn) -> dict:
-  c = run.config
-  key = jax.random.fold_in(run.base_key, step)
-  k_roll, k_ppo = jax.random.split(key)
-  t0 = time.perf_counter()
+def sample_rollout(run: Run, step: int):
+  """Step `step`'s rollouts (prompts, episodes, dynamic sampling, shaping),
+  sampled with the current params: an EpisodeResult on the host."""
+  k_roll, _ = jax.random.split(jax.random.fold_in(run.base_key, step))
   problems = run.pipeline.next_batch()
   rollout_params = run.sampler.rollout_params(run.state.params)
   result = rollout(run, problems, k_roll, rollout_params)
   result = maybe_dynamic_sampling(run, result, k_roll, rollout_params)
   del rollout_params  # the bf16 copy is not kept through the update
-  result = maybe_overlong_shaping(run, result)
+  return maybe_overlong_shaping(run, result)
+
+
+def train_one_step(run: Run, step: int, adv_fn) -> dict:
+  t0 = time.perf_counter()
+  result = sample_rollout(run, step)
+  return update_on_rollout(run, step, adv_fn, result, rollout_s=time.perf_counter() - t0)
+
+
+def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
+                      version: Optional[int] = None,
+                      before_update: Optional[Callable] = None) -> dict:
+  """Logprobs, advantages and the PPO epochs of step `step` on `result`; its metrics.
+
+  version: the policy version (train step) whose params sampled `result`
+    (None: this step's, the synchronous loop); recorded in batch.policy_version.
+  before_update: called after the batch is prepared and before the update
+    consumes the params (mars.async_rollout samples the next step there);
+    its time is reported as time/rollout_s in place of `rollout_s`.
+  """
+  c = run.config
+  _, k_ppo = jax.random.split(jax.random.fold_in(run.base_key, step))
   t1 = time.perf_counter()
   batch, recomputed = prepare_batch(run, to_device_batch(run, result))
+  if version is not None:
+    batch = batch.replace(policy_version=batch.group_id * 0 + version)
   adv, ret = adv_fn(batch)
   jax.block_until_ready(adv)
   t2 = time.perf_counter()
+  if before_update is not None:
+    before_update()
+    rollout_s = time.perf_counter() - t2
+  t2b = time.perf_counter()
   rows = batch.tokens.shape[0]
   run.state, update_metrics = step_lib.ppo_epochs(
       run.train_step, run.state, batch, adv, ret, c.rl.ppo_epochs,
@@ -546,11 +572,14 @@ def train_one_step(run: Run, step: int, adv_fn) -> dict:
     m["logp_mismatch/on_policy_max"] = float(jnp.max(gap))
     m["logp_mismatch/on_policy_mean"] = float(jnp.sum(gap) / jnp.maximum(jnp.sum(on), 1))
   m.update({
-      "time/rollout_s": t1 - t0, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2,
-      "time/step_s": t3 - t0, "compile_count/sampler": sampling.compile_count(),
+      "time/rollout_s": rollout_s, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2b,
+      "time/step_s": (t3 - t1) if before_update is not None else rollout_s + (t3 - t1),
+      "compile_count/sampler": sampling.compile_count(),
   })
-  if "time/grade_s" in result.metrics:
+  if "time/grade_s" in result.metrics and before_update is None:
     m["time/generate_s"] = m["time/rollout_s"] - result.metrics["time/grade_s"]
+  if version is not None:
+    m["async/version_lag"] = float(step - version)
   return m
 
 
@@ -651,13 +680,18 @@ def train(config, workdir: str, grade_fn: Optional[Callable] = None,
   try:
     end = config.train.steps if max_steps is None else min(config.train.steps,
                                                             run.start_step + max_steps)
-    for step in range(run.start_step, end):
-      metrics = train_one_step(run, step, adv_fn)
-      metrics.update(maybe_eval(run, step + 1))
-      run.writer.write(step + 1, metrics)
-      last = metrics
-      if (step + 1) % config.train.ckpt_every == 0 or step + 1 == config.train.steps:
-        save_checkpoint(run, step + 1)
+    if config.rollout.get("staleness", 0):  # one-step-off-policy rollouts
+      from mars import async_rollout
+      # This module, also when it runs as __main__ (python -m mars.train).
+      last = async_rollout.train_loop(run, adv_fn, end, trainer=sys.modules[__name__])
+    else:
+      for step in range(run.start_step, end):
+        metrics = train_one_step(run, step, adv_fn)
+        metrics.update(maybe_eval(run, step + 1))
+        run.writer.write(step + 1, metrics)
+        last = metrics
+        if (step + 1) % config.train.ckpt_every == 0 or step + 1 == config.train.steps:
+          save_checkpoint(run, step + 1)
     run.ckpt.wait()
     if end == config.train.steps:
       run.writer.plot()

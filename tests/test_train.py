@@ -189,7 +189,33 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
     assert last["logp_mismatch/hinted_max"] < 1e-3, last
 
 
-def test_demo_reward_improves(tmp_path):
+ASYNC = ["--config.rollout.staleness=1", "--config.rl.recompute_old_logp=True",
+         "--config.rl.rollout_correction=tis", "--config.sft.steps=40"]
+
+
+def test_one_step_off_resume_is_exact_and_lags_are_one(tmp_path):
+  """rollout.staleness=1: lag 0 on the first step (nothing older), exactly 1 after;
+  the stale sampler shows in ρ; a run stopped after step 3 resumes with the saved
+  in-flight rollout to the same metrics and params as a straight run."""
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  _train(straight, *ASYNC)
+  _train(stopped, *ASYNC, "--max_steps=3")
+  assert os.path.exists(os.path.join(stopped, "inflight", "3.p0.pkl"))
+  _train(stopped, *ASYNC)
+  a, b = _metrics(straight), _metrics(stopped)
+  assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+  assert a == b
+  assert [r["async/version_lag"] for r in a] == [0, 1, 1, 1, 1, 1]
+  # Step 1 trains on θ_0's own rollout: ρ is the numerics gap only (fp32 CPU: ~1).
+  assert a[0]["rollout_corr/kl_k3"] < 1e-6
+  # Later steps' sampler is one update behind the trainer.
+  assert max(r["rollout_corr/kl_k3"] for r in a[1:]) > 1e-5, [r["rollout_corr/kl_k3"] for r in a]
+  for x, y in zip(_final_params(straight)[1], _final_params(stopped)[1]):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_demo_reward_improves(tmp_path, staleness):
   """A shortened demo (fixed seed, a brief format warm start) raises the mean reward.
 
   The warm start is cut short on purpose so the starting policy still often
@@ -204,9 +230,13 @@ def test_demo_reward_improves(tmp_path):
   c = mars_config.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 8, 8, 32
   c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 40, 12, 100, 1
+  if staleness:  # one-step-off: each batch sampled with the previous step's params
+    c.rollout.staleness, c.rl.recompute_old_logp = 1, True
   train.train(c, str(tmp_path / "demo"))
   rows = _metrics(str(tmp_path / "demo"))
   reward = [r["reward/mean"] for r in rows]
   no_answer = [r["reward/frac_no_answer"] for r in rows]
   assert np.mean(reward[-4:]) > np.mean(reward[:2]) + 0.1, reward
   assert np.mean(no_answer[-4:]) < 0.5 * np.mean(no_answer[:2]), no_answer
+  if staleness:
+    assert [r["async/version_lag"] for r in rows] == [0] + [1] * 11

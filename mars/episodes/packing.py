@@ -26,6 +26,9 @@ class Row:
   group_id: int = 0
   off_policy: bool = False
   truncated: bool = False
+  # [r] f32: the sampler's logp (defaults to behaviour_logp). It stays when the
+  # trainer rescores behaviour_logp (LTE), so ρ = trainer / sampler can be formed.
+  sampler_logp: Optional[np.ndarray] = None
 
   @property
   def is_injected(self) -> np.ndarray:
@@ -36,7 +39,10 @@ class Row:
     self.response = np.asarray(self.response, np.int32)
     self.is_model = np.asarray(self.is_model, bool)
     self.behaviour_logp = np.asarray(self.behaviour_logp, np.float32)
-    if not (len(self.response) == len(self.is_model) == len(self.behaviour_logp)):
+    self.sampler_logp = (self.behaviour_logp.copy() if self.sampler_logp is None
+                         else np.asarray(self.sampler_logp, np.float32))
+    if not (len(self.response) == len(self.is_model) == len(self.behaviour_logp)
+            == len(self.sampler_logp)):
       raise ValueError("Row: response, is_model and behaviour_logp differ in length.")
 
 
@@ -84,6 +90,7 @@ def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
   loss = np.zeros((B, T), bool)
   transparent = np.zeros((B, T), bool)
   blogp = np.zeros((B, T), np.float32)
+  slogp = np.zeros((B, T), np.float32)
   for b, r in enumerate(rows):
     p, n = len(r.prompt), len(r.response)
     tokens[b, P - p:P] = r.prompt
@@ -92,6 +99,7 @@ def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
     loss[b, P:P + n] = r.is_model
     transparent[b, P:P + n] = ~r.is_model
     blogp[b, P:P + n] = np.where(r.is_model, r.behaviour_logp, 0.0)
+    slogp[b, P:P + n] = np.where(r.is_model, r.sampler_logp, 0.0)
   positions = np.maximum(np.cumsum(attn, -1) - 1, 0).astype(np.int32)
   zeros = np.zeros((B, T), np.float32)
   return RolloutBatch(
@@ -101,7 +109,8 @@ def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
       reward=np.asarray([r.reward for r in rows], np.float32),
       group_id=np.asarray([r.group_id for r in rows], np.int32),
       is_off_policy=np.asarray([r.off_policy for r in rows], bool),
-      truncated=np.asarray([r.truncated for r in rows], bool))
+      truncated=np.asarray([r.truncated for r in rows], bool),
+      sampler_logp=slogp, policy_version=np.zeros((B,), np.int32))
 
 
 @dataclasses.dataclass

@@ -15,6 +15,11 @@ Papers, for reading beside the code:
            (policy shaping f(π) = π / (π + γ), behaviour probability taken as 1).
   Dr.GRPO  Liu et al. 2025, "Understanding R1-Zero-Like Training", eq. 3 (constant normaliser).
   KL est.  Schulman 2020, "Approximating KL Divergence" (k1, k2, k3).
+  GSPO     Zheng et al. 2025, "Group Sequence Policy Optimization" (Qwen), eq. 5-7
+           (sequence ratio = geometric mean of token ratios; GSPO-token, eq. 13-14).
+  CISPO    MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with
+           Lightning Attention", §3.1 eq. 4-5 (clip the IS weight, not the update).
+  Rollout correction (TIS, MIS, IcePop): mars/rl/correction.py.
 """
 from typing import Optional
 
@@ -22,6 +27,9 @@ import jax
 import jax.numpy as jnp
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# Per-token surrogate of on-policy rows (rl.loss). "ppo" is the clipped surrogate
+# of PPO, GRPO and DAPO (their differences are advantages, clip range, aggregation).
+LOSS_TYPES = ("ppo", "gspo", "gspo_token", "cispo")
 
 
 def _f32(x):
@@ -150,6 +158,40 @@ def regularized_is_weight(log_ratio, gamma: float = 0.1):
   return jax.nn.sigmoid(log_ratio - jnp.log(gamma))
 
 
+def gspo_surrogate(log_ratio, advantages, mask, eps_low: float = 3e-4, eps_high: float = 4e-4,
+                   token_level: bool = False):
+  """Per-token GSPO loss (Zheng et al. 2025) from token log-ratios [B, T].
+
+  The sequence ratio is the geometric mean of the token ratios,
+  s_i = exp(mean_t log r_{i,t}) (eq. 7), clipped at the sequence level:
+  per token, −min(s_i·A_t, clip(s_i, 1 − ε_low, 1 + ε_high)·A_t). Aggregated with
+  seq-mean-token-mean and a sequence-constant A this is eq. 5 exactly; the
+  gradient of s_i reaches every token of the row through the mean log-ratio.
+  GSPO-token (eq. 13): s_{i,t} = sg(s_i) · π_θ(y_t) / sg(π_θ(y_t)), equal in
+  value, but each token's gradient carries its own advantage A_t (for per-token
+  advantages, e.g. a critic's). Returns (per-token loss, the ratio used [B, T]).
+  """
+  mask = jnp.asarray(mask, bool)
+  seq_log = masked_mean(log_ratio, mask, axis=-1)[:, None]        # [B, 1]
+  if token_level:
+    seq_log = jax.lax.stop_gradient(seq_log) + log_ratio - jax.lax.stop_gradient(log_ratio)
+  ratio = jnp.exp(jnp.broadcast_to(seq_log, log_ratio.shape))
+  return clipped_surrogate(ratio, advantages, eps_low, eps_high), ratio
+
+
+def cispo_surrogate(logp, log_ratio, advantages, eps_low: float = 1.0, eps_high: float = 5.0):
+  """Per-token CISPO loss (MiniMax-M1 §3.1, eq. 4-5): −sg(clip(r, 1 − ε_low, 1 + ε_high))·A·log π_θ.
+
+  The importance weight is clipped and stop-gradient; the update never is, so
+  every token keeps the gradient −ŵ·A·∇log π_θ, also where PPO-clip's min picks
+  the constant branch. ε_low ≥ 1 leaves no lower bound (the paper's setting).
+  Returns (per-token loss, the unclipped ratio).
+  """
+  ratio = jnp.exp(log_ratio)
+  weight = jax.lax.stop_gradient(jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high))
+  return -weight * advantages * logp, ratio
+
+
 def policy_loss(logp, old_logp, advantages, loss_mask, is_off_policy, *,
                 eps_low: float = 0.2, eps_high: float = 0.2,
                 dual_clip_c: Optional[float] = None,
@@ -158,8 +200,12 @@ def policy_loss(logp, old_logp, advantages, loss_mask, is_off_policy, *,
                 agg_mode: str = "token-mean",
                 max_len_norm: Optional[float] = None,
                 log_ratio_clamp: float = 20.0,
-                denominator=None):
-  """Mixed-policy loss: clipped surrogate on on-policy rows, f(r)·A on off-policy rows.
+                denominator=None,
+                loss_type: str = "ppo",
+                gspo_eps_low: float = 3e-4, gspo_eps_high: float = 4e-4,
+                cispo_eps_low: float = 1.0, cispo_eps_high: float = 5.0,
+                rollout_weight=None):
+  """Mixed-policy loss: a clipped surrogate on on-policy rows, f(r)·A on off-policy rows.
 
   Args:
     logp: [B, T] log π_θ of the taken tokens (current policy; for off-policy rows,
@@ -171,20 +217,33 @@ def policy_loss(logp, old_logp, advantages, loss_mask, is_off_policy, *,
     loss_mask: [B, T] bool, trained tokens.
     is_off_policy: [B] bool, selects the branch per row.
     eps_low, eps_high: clip range [1 − eps_low, 1 + eps_high] (clip-higher, DAPO).
-    dual_clip_c: optional dual-clip constant c > 1 for negative advantages.
+    dual_clip_c: optional dual-clip constant c > 1 for negative advantages (ppo only).
     offpolicy_gamma: γ of f(r) = r / (r + γ).
     log_ratio_clamp: |log r| is clamped before exp, so a stale token cannot give inf.
     agg_mode, max_len_norm, denominator: see `aggregate`.
+    loss_type: on-policy rows' surrogate, one of LOSS_TYPES: "ppo" (clipped
+      surrogate), "gspo" / "gspo_token" (`gspo_surrogate`, with gspo_eps_*),
+      "cispo" (`cispo_surrogate`, with cispo_eps_*). Off-policy rows keep f(r)·A.
+    rollout_weight: optional [B, T] stop-gradient weight of each token's loss
+      (mars.rl.correction.rollout_weights: TIS / MIS / IcePop), on both branches.
 
   Returns:
     (loss, metrics). `approx_kl` is the k3 estimate of KL(π_old ‖ π_θ) on on-policy
     tokens, mean of (r − 1) − log r (≥ 0, unbiased; Schulman 2020); off-policy rows
     are excluded because their ratio is against a different (hinted) prompt.
+    `clipfrac*` count tokens whose gradient the clip zeroes (ppo; gspo with the
+    sequence ratio), or, for cispo, whose IS weight was clipped.
   """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+  if dual_clip_c is not None and loss_type != "ppo":
+    raise ValueError("dual_clip_c applies to the ppo clipped surrogate only.")
   logp, old_logp, advantages = _f32(logp), _f32(old_logp), _f32(advantages)
   loss_mask = jnp.asarray(loss_mask, bool)
   off_rows = jnp.asarray(is_off_policy, bool)[:, None]
   advantages = jax.lax.stop_gradient(advantages)
+  on_mask = loss_mask & ~off_rows
+  off_mask = loss_mask & off_rows
 
   log_ratio = jnp.clip(logp - old_logp, -log_ratio_clamp, log_ratio_clamp)
   ratio = jnp.exp(log_ratio)
@@ -192,18 +251,34 @@ def policy_loss(logp, old_logp, advantages, loss_mask, is_off_policy, *,
   off_log_ratio = jnp.clip(logp, -log_ratio_clamp, 0.0) if offpolicy_behaviour_one else log_ratio
   off_ratio = jnp.exp(off_log_ratio)
 
-  on_loss = clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip_c)
+  clip_low, clip_high = eps_low, eps_high
+  if loss_type == "ppo":
+    on_loss, clip_ratio = clipped_surrogate(ratio, advantages, eps_low, eps_high,
+                                            dual_clip_c), ratio
+  elif loss_type in ("gspo", "gspo_token"):
+    # The sequence mean runs over the row's on-policy trained tokens only.
+    on_loss, clip_ratio = gspo_surrogate(jnp.where(on_mask, log_ratio, 0.0), advantages,
+                                         on_mask, gspo_eps_low, gspo_eps_high,
+                                         token_level=loss_type == "gspo_token")
+    clip_low, clip_high = gspo_eps_low, gspo_eps_high
+  else:
+    on_loss, clip_ratio = cispo_surrogate(logp, log_ratio, advantages, cispo_eps_low,
+                                          cispo_eps_high)
+    clip_low, clip_high = cispo_eps_low, cispo_eps_high
   f_r = regularized_is_weight(off_log_ratio, offpolicy_gamma)
   off_loss = -advantages * f_r
   per_token = jnp.where(off_rows, off_loss, on_loss)
+  if rollout_weight is not None:
+    per_token = per_token * jax.lax.stop_gradient(_f32(rollout_weight))
   loss = aggregate(per_token, loss_mask, agg_mode, max_len_norm, denominator)
 
-  on_mask = loss_mask & ~off_rows
-  off_mask = loss_mask & off_rows
   ratio_sg, off_ratio_sg = jax.lax.stop_gradient(ratio), jax.lax.stop_gradient(off_ratio)
-  # A clip "bites" (zero gradient) only where the min picks the clipped term.
-  clipped_low = (ratio_sg < 1.0 - eps_low) & (advantages < 0)
-  clipped_high = (ratio_sg > 1.0 + eps_high) & (advantages > 0)
+  clip_sg = jax.lax.stop_gradient(clip_ratio)
+  if loss_type == "cispo":  # the weight is clipped whatever the advantage's sign
+    clipped_low, clipped_high = clip_sg < 1.0 - clip_low, clip_sg > 1.0 + clip_high
+  else:  # a clip "bites" (zero gradient) only where the min picks the clipped term
+    clipped_low = (clip_sg < 1.0 - clip_low) & (advantages < 0)
+    clipped_high = (clip_sg > 1.0 + clip_high) & (advantages > 0)
   metrics = {
       "pg_loss": jax.lax.stop_gradient(loss),
       "clipfrac_low": masked_mean(clipped_low, on_mask),
@@ -218,6 +293,8 @@ def policy_loss(logp, old_logp, advantages, loss_mask, is_off_policy, *,
       "num_tokens_on": jnp.sum(on_mask),
       "num_tokens_off": jnp.sum(off_mask),
   }
+  if loss_type in ("gspo", "gspo_token"):
+    metrics["seq_ratio_mean_on"] = masked_mean(clip_sg, on_mask)
   if dual_clip_c is not None:
     metrics["clipfrac_dual"] = masked_mean((ratio_sg > dual_clip_c) & (advantages < 0), on_mask)
   return loss, metrics

@@ -25,6 +25,13 @@ rl_cfg fields (ml_collections.ConfigDict or dict; defaults in brackets):
   value_clip [0.2]                critic value clip ε around batch.values (None: no clip).
   vf_coef [1.0]                   scale of the critic loss (the critic has its own optimizer).
   micro_batch_size [None]         rows per micro-batch (None: the whole minibatch).
+  loss ["ppo"]                    on-policy surrogate: ppo | gspo | gspo_token | cispo
+                                  (losses.LOSS_TYPES), gspo_eps_* / cispo_eps_* their clips.
+  rollout_correction ["none"]     none | tis | mis | icepop (mars.rl.correction), on
+                                  ρ = exp(old_logp − sampler_logp); rollout_correction_level,
+                                  rollout_seq_ratio, tis_cap, mis_lo/hi, icepop_alpha/beta.
+  recompute_old_logp [False]      True: old_logp is the trainer's, so the sampler/trainer
+                                  mismatch (rollout_corr/*) is logged every update.
 
 Feedback tokens (`transparent_mask`) are out of every loss: the contract keeps
 them outside `loss_mask`, and the step also masks them out (`loss_mask &
@@ -43,6 +50,7 @@ from mars import sharding
 from mars.batch import RolloutBatch
 from mars.models import qwen
 from mars.models.config import ModelConfig
+from mars.rl import correction
 from mars.rl import critic as critic_lib
 from mars.rl import losses
 
@@ -98,7 +106,8 @@ def batch_shardings(mesh) -> RolloutBatch:
   return RolloutBatch(
       tokens=two, attention_mask=two, positions=two, loss_mask=two, transparent_mask=two,
       behaviour_logp=two, old_logp=two, ref_logp=two, values=two,
-      reward=one, group_id=one, is_off_policy=one, truncated=one)
+      reward=one, group_id=one, is_off_policy=one, truncated=one, sampler_logp=two,
+      policy_version=one)
 
 
 # ----------------------------------------------------------------------------
@@ -203,7 +212,24 @@ def _loss_options(rl_cfg) -> dict:
       entropy_coef=float(_get(rl_cfg, "entropy_coef", 0.0)),
       value_clip=None if value_clip is None else float(value_clip),
       vf_coef=float(_get(rl_cfg, "vf_coef", 1.0)),
-      micro_batch_size=rl_cfg.get("micro_batch_size", None))
+      micro_batch_size=rl_cfg.get("micro_batch_size", None),
+      loss_type=str(_get(rl_cfg, "loss", "ppo")),
+      gspo_eps_low=float(_get(rl_cfg, "gspo_eps_low", 3e-4)),
+      gspo_eps_high=float(_get(rl_cfg, "gspo_eps_high", 4e-4)),
+      cispo_eps_low=float(_get(rl_cfg, "cispo_eps_low", 1.0)),
+      cispo_eps_high=float(_get(rl_cfg, "cispo_eps_high", 5.0)),
+      correction=correction.options(rl_cfg),
+      # ρ ≡ 1 by construction when old_logp is the sampler's: nothing to log.
+      rollout_metrics=bool(_get(rl_cfg, "recompute_old_logp", False)))
+
+
+def _rollout_weights(opts: dict, batch: RolloutBatch, mask):
+  """TIS / MIS / IcePop weights [B, T] of a (micro-)batch, or None without a correction."""
+  if opts["correction"]["method"] == "none":
+    return None
+  weight, _, _ = correction.rollout_weights(batch.old_logp, batch.sampler_logp, mask,
+                                            **opts["correction"])
+  return weight
 
 
 def _train_mask(batch: RolloutBatch):
@@ -234,7 +260,11 @@ def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, 
       logp, old_logp, advantages, mask, batch.is_off_policy,
       eps_low=opts["eps_low"], eps_high=opts["eps_high"], dual_clip_c=opts["dual_clip_c"],
       offpolicy_gamma=opts["offpolicy_gamma"],
-      offpolicy_behaviour_one=opts["offpolicy_behaviour_one"], **agg)
+      offpolicy_behaviour_one=opts["offpolicy_behaviour_one"],
+      loss_type=opts["loss_type"], gspo_eps_low=opts["gspo_eps_low"],
+      gspo_eps_high=opts["gspo_eps_high"], cispo_eps_low=opts["cispo_eps_low"],
+      cispo_eps_high=opts["cispo_eps_high"],
+      rollout_weight=_rollout_weights(opts, batch.replace(old_logp=old_logp), mask), **agg)
   if opts["kl_coef"]:
     kl = losses.kl_loss(logp, ref_logp, mask, opts["kl_kind"], **agg)
     loss = loss + opts["kl_coef"] * kl
@@ -316,6 +346,17 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
   metrics["num_loss_tokens"] = jnp.sum(micro_tokens)
   metrics["transparent_in_loss_mask"] = jnp.sum(
       batch.loss_mask.astype(bool) & batch.transparent_mask.astype(bool))
+  if opts["rollout_metrics"]:
+    # Over the whole minibatch (ρ does not depend on the params being trained).
+    trainer_logp = jnp.where(mask, batch.old_logp, 0.0)
+    sampler_logp = jnp.where(mask, batch.sampler_logp, 0.0)
+    flags = {}
+    if opts["correction"]["method"] != "none":
+      _, masked, truncated = correction.rollout_weights(trainer_logp, sampler_logp, mask,
+                                                        **opts["correction"])
+      flags = dict(masked=masked, truncated=truncated)
+    metrics.update(correction.mismatch_metrics(trainer_logp, sampler_logp, mask,
+                                               batch.is_off_policy, **flags))
   return p_loss, p_grads, (c_loss if has_critic else None), c_grads, metrics
 
 

@@ -1,0 +1,121 @@
+"""One-step-off-policy rollouts (rollout.staleness = 1), as in verl's one-step-off
+mode, AReaL and PipelineRL.
+
+The batch trained at step t was sampled with the params of step t−1, while step
+t−1's update ran. Here, on one device (or one mesh), the two interleave: each
+iteration prepares step t's batch (old_logp recomputed with θ_t), samples step
+t+1's rollouts with θ_t, then updates θ_t → θ_{t+1} on step t's batch. Nothing of
+step t+1's rollout depends on step t's update, so on a mesh split into a rollout
+group and a trainer group the two would run at once (not implemented here; see
+docs/offpolicy.md for the overlap model from measured times). Step 0 trains on a
+rollout of θ_0 itself (there is no older policy): its version lag is 0, every
+later step's is exactly 1 (`async/version_lag`, and `batch.policy_version`).
+
+Off-policy denominators, per row (docs/offpolicy.md):
+  on-policy rows   the PPO/GSPO/CISPO ratio is π_θ / π_{θ_t} (old_logp: the trainer's
+                   recompute with the current θ_t, the proximal policy of decoupled
+                   PPO); the sampler was π_{θ_{t−1}} in its own numerics, so
+                   ρ = π_{θ_t} / π_sampler,θ_{t−1} carries the staleness and the
+                   kernel mismatch together, and rl.rollout_correction corrects it.
+  LTE hinted rows  the ratio's denominator is the behaviour probability itself,
+                   μ_{θ_{t−1}}(y | hinted prompt), rescored by the trainer with the
+                   very params that sampled it (θ_{t−1}, at sampling time): the LTE
+                   ratio π_θ(y | x) / μ(y | x+hint) needs no proximal policy, and ρ
+                   there is the numerics gap only.
+  multi-attempt    as on-policy rows; feedback tokens stay out of every loss.
+
+Checkpoints stay exact: a checkpoint at step s holds θ_s, and the rollout already
+sampled for step s (with θ_{s−1}) is saved beside it, per process, as
+`inflight/<s>.p<process>.pkl` (written before the checkpoint, so one exists for
+every checkpoint). A resumed run trains on that saved rollout and continues bit
+for bit (tests/test_train.py). A checkpoint without one (a synchronous run
+resumed with staleness 1) restarts the pipeline of rollouts with a fresh rollout
+of the restored params: that step's lag is 0, and a warning says so.
+"""
+import logging
+import os
+import pickle
+import time
+
+import jax
+
+from mars import distributed
+
+
+def _inflight_dir(run) -> str:
+  return os.path.join(run.workdir, "inflight")
+
+
+def _inflight_path(run, step: int) -> str:
+  return os.path.join(_inflight_dir(run), f"{step}.p{jax.process_index()}.pkl")
+
+
+def save_inflight(run, step: int, inflight) -> None:
+  """Atomically writes the rollout sampled for `step` (result, version)."""
+  os.makedirs(_inflight_dir(run), exist_ok=True)
+  path = _inflight_path(run, step)
+  with open(path + ".tmp", "wb") as f:
+    pickle.dump(inflight, f, protocol=pickle.HIGHEST_PROTOCOL)
+  os.replace(path + ".tmp", path)
+  # Keep the files of the checkpoints orbax may still restore (keep + the one in flight).
+  suffix = f".p{jax.process_index()}.pkl"
+  steps = sorted(int(n[:-len(suffix)]) for n in os.listdir(_inflight_dir(run))
+                 if n.endswith(suffix) and n[:-len(suffix)].isdigit())
+  for old in steps[:-(run.config.train.keep + 1)]:
+    os.remove(_inflight_path(run, old))
+
+
+def load_inflight(run, step: int):
+  path = _inflight_path(run, step)
+  if not os.path.exists(path):
+    return None
+  with open(path, "rb") as f:
+    return pickle.load(f)
+
+
+def _sample(train_lib, run, step: int, version: int):
+  """(result, version, seconds): step `step`'s rollout with the current params, which
+  have been trained `version` steps (θ_version)."""
+  t0 = time.perf_counter()
+  result = train_lib.sample_rollout(run, step)
+  return result, version, time.perf_counter() - t0
+
+
+def train_loop(run, adv_fn, end: int, trainer=None) -> dict:
+  """The interleaved loop from run.start_step to `end`; returns the last metrics.
+
+  trainer: the mars.train module the run was set up by (it is __main__ under
+  `python -m mars.train`, whose lazily imported globals a second import lacks).
+  """
+  if trainer is None:
+    from mars import train as trainer
+  train_lib = trainer
+  c = run.config
+  start = run.start_step
+  inflight = load_inflight(run, start) if start else None
+  if inflight is None:
+    if start:
+      logging.warning("No in-flight rollout saved with checkpoint %d: sampling step %d with "
+                      "the restored params (version lag 0 for this step).", start, start)
+    inflight = _sample(train_lib, run, start, start)
+  last = {}
+  for step in range(start, end):
+    result, version, rollout_s = inflight
+    nxt = {}
+
+    def sample_next(step=step):
+      if step + 1 < c.train.steps:
+        nxt["inflight"] = _sample(train_lib, run, step + 1, step)  # θ_step, before its update
+
+    metrics = train_lib.update_on_rollout(run, step, adv_fn, result, rollout_s,
+                                          version=version, before_update=sample_next)
+    inflight = nxt.get("inflight")
+    metrics.update(train_lib.maybe_eval(run, step + 1))
+    run.writer.write(step + 1, metrics)
+    last = metrics
+    if (step + 1) % c.train.ckpt_every == 0 or step + 1 == c.train.steps:
+      if inflight is not None:
+        save_inflight(run, step + 1, inflight)
+      distributed.any_process(False)  # every process wrote its file before the checkpoint
+      train_lib.save_checkpoint(run, step + 1)
+  return last
