@@ -1,0 +1,326 @@
+"""Every file in configs/ runs in the real regime with only its sizes shrunk.
+
+For each training config (multi_attempt_1p5b, ppo_single_turn_1p5b, grpo_4b,
+dapo_4b, lte_4b, lte_8b, tiny) one worker process (tests/config_smoke_run.py)
+runs the config through mars.train.train / mars.train.setup /
+mars.evaluate.run_cli and reports; this test then asserts:
+
+  (a) weights moved: >= 99% of the entries of every trained matrix (embed,
+      lm_head, q/k/v/o, gate/up/down) of the actor params, and of the
+      critic's for PPO, differ from their initial values after the 2 steps;
+      and >= 50% of the entries of every norm scale and bias (stacked per
+      layer they are 2-D leaves here, 1-D in HF; a few of their entries get
+      gradients under Adam's eps and may not move even in fp32) and of the
+      value head. An input-only embedding (the untied `embed` of Qwen3-8B and
+      of the demo model, and every critic backbone `embed`) is checked on the
+      rows of the tokens that occur in every prompt of both steps (template
+      and shared words): the row of a token absent from the batch gets no
+      gradient by design.
+  (b) every value in metrics.jsonl (both runs, both steps, the trainer's
+      final-step eval/* included) is finite, and no update was skipped by the
+      non-finite guard.
+  (c) resuming at step 1 reproduces step 2 exactly: the straight 2-step run
+      writes a checkpoint after each step; a copy of its workdir without the
+      step-2 checkpoint resumes (mars.train.train on that workdir) and its
+      step-2 metrics (all but time/* and compile_count/*) and every final
+      TrainState leaf (params, optimizer moments, critic, counters) must equal
+      the straight run's bit for bit. Exact, as in tests/test_train.py: same
+      process, same compiled programs, same seeds, CPU. (The step-1
+      checkpoint of the straight run was written asynchronously while step 2
+      ran, so this also checks async saving against the donated train state.)
+  (d) mars.evaluate.run_cli on the straight run's checkpoint, with the run's
+      own eval settings (evaluate.trainer_eval_config), gives a finite number
+      for every metric of every configured benchmark.
+configs/eval_math.py is an eval config: its test is run_cli on a tiny
+Qwen3-4B-shaped HF checkpoint in its own mode (passk), with (d)'s check.
+(Its attempts-mode settings are shrunk too, but that protocol runs in the
+1.5B configs' evals; with all 7 attempts on 6 benchmarks it took 400 s.)
+
+What is shrunk (and nothing else; config_smoke_run.shrink_*_config returns
+the changed keys, printed with the timings):
+  model           a tiny random Qwen built by the installed transformers from
+                  the real ../shared/models/<model>/config.json: 2 layers,
+                  hidden 64, intermediate 128, head_dim 8, 2 kv heads with the
+                  real GQA ratio (12/2 for Qwen2.5-Math-1.5B, 8/2 for Qwen3's
+                  32/8); model_type, vocab_size (151936), rope_theta,
+                  tie_word_embeddings, qkv bias / q-k norm, eps, max positions
+                  as the real config. Saved in the config's model.dtype
+                  (bf16). model.path -> that directory; model.tokenizer_path
+                  -> a copy of the real tokenizer files (Qwen2.5-Math-1.5B's
+                  for the 1.5B configs, Qwen3-4B-Base's for 4B and 8B; 8B
+                  ships none and shares it) plus the tokenizer.json built from
+                  them (loads in 0.1 s instead of 5 s).
+                  The random model is first taught, in torch (150 Adam steps,
+                  ~20 s), to answer "\\boxed{a}<|im_end|>" with a drawn from the
+                  answers of the run's first 4 prompts
+                  (config_smoke_run.warm_start), so ~1 in 4 answers is right: a
+                  random model is never right, every GRPO/LTE/DAPO group would
+                  be all-fail with all advantages 0, and (a) could never hold.
+                  It also makes multi-attempt episodes end attempts at a box
+                  and get feedback turns, as a real model does.
+  data            prompts_per_step 128 (16 for tiny) -> 2 (2 groups, 2
+                  minibatches, shardable over the data axis): real rows of
+                  config.data.name via the TFDS builders over
+                  ../shared/data ($MARS_DATA_DIR), prepared into a temp
+                  $MARS_TFDS_DIR.
+  group_size      kept (8 for GRPO/LTE/DAPO and tiny, 1 for PPO).
+  minibatch       rows / (the config's updates per step): 2 updates per step
+                  as configured (PPO 64 -> 1, GRPO family 512 -> 8, tiny 64 -> 8).
+  micro-batch     half the minibatch (PPO 8 -> 1, GRPO family 8 -> 4): gradient
+                  accumulation still runs where the minibatch has 2+ rows.
+  lengths         rollout.max_new_tokens -> 16 (8192 / 1024; an answer is 6-11
+                  tokens); multi-attempt episode.budget 3000 -> 32 (3-4
+                  attempts) and chunk_tokens 64 -> 8 (about one answer; tiny's
+                  30 / 6 kept); DAPO rl.overlong_buffer 4096 -> 8 (the same
+                  half of max_new_tokens, so the shaping is active).
+  tiny            sft.steps 300 -> 20 (its format warm start).
+  steps           train.steps -> 2; train.ckpt_every -> 1 (a step-1 checkpoint
+                  to resume from). eval_every is kept: a 2-step run evaluates
+                  at its last step, as the trainer does.
+  eval            eval.limit -> 1 problem per benchmark (all the config's
+                  benchmarks kept), eval.n 16 -> 2 (Pass@1/2), attempts-mode
+                  eval.max_attempts 5 -> 2 (Acc@1..2; each k is a full
+                  set of episodes).
+                  eval_math: n 16 -> 2, ks -> (1, 2), max_new_tokens 4096 -> 16,
+                  budget 3000 -> 32, chunk_tokens 64 -> 8, limit 0 (all) -> 1.
+  workers         grader workers 2 -> 1 (the real math-verify GraderPool).
+  mesh            mesh_shape kept, (1, -1, 1): the worker process has 1 CPU
+                  device. In this process the 8 virtual devices would force
+                  8 prompts per step through the data x fsdp axis (measured:
+                  447 s for one 2-step grpo_4b run with 8 prompts x 8), hence
+                  a subprocess per config.
+Everything else (dtype, lr, schedule, optimizer, loss, clip, KL, LTE,
+attempts, algorithm, seeds, remat, whitening, dynamic sampling) is the config's.
+
+Cost: with a 151,936-token vocabulary every forward pass materialises
+[rows, length, 151936] logits, and most of the time is XLA compilation (the
+train step alone ~20 s per shape on 2 busy cores). Measured on 2 shared CPU
+cores (load ~7): 19 min for this file with a cold compilation cache, per
+config 40-250 s (the first 4B config pays the 4B compiles). Set
+MARS_SMOKE_JAX_CACHE=<dir> to keep the cache across sessions.
+"""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
+VOLATILE = ("time/", "compile_count")
+# (a): matrices as asked; norm scales and biases (a handful of entries per layer, some
+# with gradients under Adam's eps: 1 of 16 q_norm entries stayed put in an fp32-master
+# grpo_4b run) need most entries moved, which bf16 rounding (0 moved) fails.
+MOVED_MIN = {"matrix": 0.99, "vector": 0.5}
+
+
+def _load_worker():
+  # By path: a stray top-level `tests` package in site-packages must not shadow ours.
+  path = pathlib.Path(__file__).with_name("config_smoke_run.py")
+  spec = importlib.util.spec_from_file_location("mars_config_smoke_run", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+W = _load_worker()
+
+
+class Smoke:
+  """Session state: temp TFDS dir, the JAX compilation cache shared by the
+  workers, and the tokenizer / tiny model directories, each built once."""
+
+  def __init__(self, root: pathlib.Path, shared: pathlib.Path):
+    self.root, self.shared = root, shared
+    self.tfds = root / "tfds"
+    # The workers' JAX compilation cache: the same programs (a model's sampler, logprob
+    # and train steps at one shape) compile once per session instead of once per run.
+    # MARS_SMOKE_JAX_CACHE keeps it across sessions (the cache is keyed by the program
+    # and the jax/XLA versions).
+    self.cache = pathlib.Path(os.environ.get("MARS_SMOKE_JAX_CACHE") or root / "jax_cache")
+    self._tokenizers, self._models = {}, {}
+
+  def tokenizer_dir(self, model_path: str) -> str:
+    _, tok = W.REAL_MODELS[model_path]
+    if tok not in self._tokenizers:
+      self._tokenizers[tok] = W.build_tokenizer_dir(str(self.shared / "models" / tok),
+                                                    str(self.root / f"tokenizer_{tok}"))
+    return self._tokenizers[tok]
+
+  def model(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
+    key = (model_path, seed, dtype, data_name)
+    if key not in self._models:
+      name = "_".join([W.REAL_MODELS[model_path][0], str(seed), dtype])
+      self._models[key] = W.build_tiny_model(
+          model_path, seed, dtype, str(self.root / f"model_{name}"), shared_dir=str(self.shared),
+          tokenizer_dir=self.tokenizer_dir(model_path), data_name=data_name,
+          data_dir=str(self.tfds))
+    return self._models[key]
+
+  def run(self, name: str, workdir: pathlib.Path) -> tuple:
+    """Runs the worker for configs/<name>.py -> (report, spec)."""
+    from mars import config as mars_config
+    spec = {"config": name, "workdir": str(workdir), "tfds_dir": str(self.tfds),
+            "compile_cache": str(self.cache), "report": str(workdir / "report.json")}
+    if name in W.EVAL_CONFIGS:
+      model_path, seed, dtype = W.EVAL_MODEL
+      data_name = "simplerl_math_l3to5"
+    else:
+      c = mars_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
+      model_path, seed, dtype, data_name = c.model.path, c.seed, c.model.dtype, c.data.name
+    t0 = time.perf_counter()
+    if model_path:
+      model = self.model(model_path, seed, dtype, data_name)
+      spec.update(model_dir=model["dir"], tokenizer_dir=self.tokenizer_dir(model_path),
+                  model_build=model)
+    build_s = time.perf_counter() - t0
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", MARS_TFDS_DIR=str(self.tfds),
+               MARS_DATA_DIR=str(self.shared / "data"), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "config_smoke_run.py"),
+                           str(spec_path)], cwd=str(REPO), env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode or not (workdir / "report.json").exists():
+      pytest.fail(f"worker for {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
+                  f"{proc.stderr[-5000:]}")
+    report = json.loads((workdir / "report.json").read_text())
+    report["times"]["model_build_s"] = build_s
+    return report, spec
+
+
+@pytest.fixture(scope="module")
+def smoke(shared_dir, tmp_path_factory):
+  return Smoke(tmp_path_factory.mktemp("config_smoke"), shared_dir)
+
+
+def _metrics(workdir: pathlib.Path) -> list:
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _non_finite(rows: list) -> list:
+  bad = []
+  for row in rows:
+    for k, v in row.items():
+      if isinstance(v, bool) or not isinstance(v, (int, float)):
+        bad.append(f"step {row.get('step')} {k}={v!r} (not a number)")
+      elif not math.isfinite(v):
+        bad.append(f"step {row.get('step')} {k}={v}")
+  return bad
+
+
+def _stable(row: dict) -> dict:
+  return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def _eval_failures(label: str, numbers: dict, benchmarks: str) -> list:
+  failures = []
+  expected = [b.strip() for b in benchmarks.split(",") if b.strip()]
+  if sorted(numbers["benchmarks"]) != sorted(expected):
+    failures.append(f"(d) {label}: benchmarks {sorted(numbers['benchmarks'])} != {sorted(expected)}")
+  for bench, metrics in list(numbers["benchmarks"].items()) + [("average", numbers["average"])]:
+    if not metrics:
+      failures.append(f"(d) {label}: {bench} has no metrics")
+    for k, v in metrics.items():
+      if not isinstance(v, (int, float)) or not math.isfinite(v):
+        failures.append(f"(d) {label}: {bench}/{k} = {v!r} is not finite")
+  return failures
+
+
+def _summary(name: str, report: dict) -> str:
+  times = ", ".join(f"{k}={v:.0f}s" for k, v in report["times"].items())
+  return f"[{name}] {times}\n  shrunk: {report.get('shrunk')}"
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_smoke(name, smoke, tmp_path):
+  report, spec = smoke.run(name, tmp_path / name)
+  print(_summary(name, report))
+  assert "error" not in report, f"{_summary(name, report)}\n{report['error']}"
+  assert report["devices"] == 1
+  failures = []
+
+  if name in W.EVAL_CONFIGS:
+    for mode, numbers in report["eval"].items():
+      failures += _eval_failures(f"eval_math {mode}", numbers,
+                                 report["eval_config"][mode]["benchmarks"])
+    assert not failures, _summary(name, report) + "\n" + "\n".join(failures)
+    return
+
+  straight = _metrics(tmp_path / name / "straight")
+  resumed = _metrics(tmp_path / name / "resumed")
+  assert [r["step"] for r in straight] == [1, 2], straight
+  assert [r["step"] for r in resumed] == [1, 2], resumed
+  assert report["final_steps"] == [2, 2]
+  context = {k: [r.get(k) for r in straight] for k in
+             ("reward/mean", "groups/some_pass_frac", "grad_norm", "loss/loss")}
+
+  # (a) every trained matrix moved (and most of every norm scale / bias).
+  for leaf, m in sorted(report["moved"].items()):
+    least = MOVED_MIN[m["kind"]]
+    if m["moved"] < least:
+      rows = f", rows of {report.get('rows_checked')} common prompt tokens" if m["rows_only"] else ""
+      failures.append(f"(a) {m['kind']} {leaf} {m['dtype']}{m['shape']}{rows}: {m['moved']:.4f} "
+                      f"of entries moved (< {least})")
+  if any(f.startswith("(a)") for f in failures):
+    failures.append(f"    (a) context, steps 1-2: {context}")
+
+  # (b) finite metrics, no skipped update.
+  for label, rows in (("straight", straight), ("resumed", resumed)):
+    failures += [f"(b) {label}: {b}" for b in _non_finite(rows)]
+    skipped = [r.get("skipped_updates") for r in rows]
+    if any(skipped):
+      failures.append(f"(b) {label}: skipped_updates {skipped}")
+
+  # (c) resume at step 1 reproduces step 2.
+  for step, (a, b) in enumerate(zip(straight, resumed), start=1):
+    sa, sb = _stable(a), _stable(b)
+    if sa != sb:
+      diff = {k: (sa.get(k), sb.get(k)) for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)}
+      failures.append(f"(c) step {step} metrics straight vs resumed differ: {diff}")
+  differing = {leaf: d for leaf, d in report["resume"].items() if d != 0.0}
+  if differing:
+    failures.append(f"(c) final TrainState straight vs resumed: {len(differing)} of "
+                    f"{len(report['resume'])} leaves differ (max |diff|): {differing}")
+
+  # (d) eval of the checkpoint.
+  failures += _eval_failures(name, report["eval"], report["eval_config"]["benchmarks"])
+  assert not failures, _summary(name, report) + "\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("model_path", sorted(W.REAL_MODELS))
+def test_tiny_model_keeps_the_real_architecture(model_path, smoke):
+  """The tiny checkpoints differ from the real ones in size only, as
+  transformers and as mars read them (mars reads the real config.json of
+  ../shared and the tiny one saved by the installed transformers)."""
+  import transformers
+  from mars import models
+  from mars import config as mars_config
+  names = [n for n in CONFIG_NAMES if n not in W.EVAL_CONFIGS]
+  c = next(c for c in (mars_config.load_config_file(str(REPO / "configs" / f"{n}.py"))
+                       for n in names) if c.model.path == model_path)
+  tiny_dir = smoke.model(model_path, c.seed, c.model.dtype, c.data.name)["dir"]
+  real_dir = smoke.shared / "models" / W.REAL_MODELS[model_path][0]
+  theirs_tiny = transformers.AutoConfig.from_pretrained(tiny_dir)
+  theirs_real = transformers.AutoConfig.from_pretrained(str(real_dir))
+  for field in ("model_type", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
+                "max_position_embeddings"):
+    assert getattr(theirs_tiny, field) == getattr(theirs_real, field), field
+  assert theirs_tiny.rope_parameters == theirs_real.rope_parameters
+  tiny, real = models.load_config(tiny_dir), models.load_config(str(real_dir))
+  assert (tiny.num_layers, tiny.hidden_size, tiny.intermediate_size, tiny.head_dim) == (
+      W.TINY_LAYERS, W.TINY_HIDDEN, W.TINY_INTERMEDIATE, W.TINY_HEAD_DIM)
+  assert tiny.num_groups == real.num_groups
+  differ = {f: (getattr(tiny, f), getattr(real, f)) for f in
+            ("model_type", "vocab_size", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
+             "qkv_bias", "qk_norm", "max_position_embeddings")
+            if getattr(tiny, f) != getattr(real, f)}
+  assert not differ, f"mars reads the tiny checkpoint differently from the real one: {differ}"
