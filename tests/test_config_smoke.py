@@ -93,11 +93,12 @@ Everything else (dtype, lr, schedule, optimizer, loss, clip, KL, LTE,
 attempts, algorithm, seeds, remat, whitening, dynamic sampling) is the config's.
 
 Cost: with a 151,936-token vocabulary every forward pass materialises
-[rows, length, 151936] logits, and most of the time is XLA compilation (the
-train step alone ~20 s per shape on 2 busy cores). Measured on 2 shared CPU
-cores (load ~7): 19 min for this file with a cold compilation cache, per
-config 40-250 s (the first 4B config pays the 4B compiles). Set
-MARS_SMOKE_JAX_CACHE=<dir> to keep the cache across sessions.
+[rows, length, 151936] fp32 logits, and XLA compiles each program per shape
+(the train step alone ~20 s on 2 busy cores; bf16 runs compile it twice, as
+the first update turns Adam's mu from bf16 into fp32). Measured on 2 shared
+CPU cores (load 6-9): 19-20 min for this file, per config 25-250 s
+(eval_math ~25 s, tiny 100-165 s, the others 85-250 s). A compilation cache
+kept across sessions did not shorten it measurably.
 """
 import importlib.util
 import json
@@ -138,11 +139,9 @@ class Smoke:
   def __init__(self, root: pathlib.Path, shared: pathlib.Path):
     self.root, self.shared = root, shared
     self.tfds = root / "tfds"
-    # The workers' JAX compilation cache: the same programs (a model's sampler, logprob
-    # and train steps at one shape) compile once per session instead of once per run.
-    # MARS_SMOKE_JAX_CACHE keeps it across sessions (the cache is keyed by the program
-    # and the jax/XLA versions).
-    self.cache = pathlib.Path(os.environ.get("MARS_SMOKE_JAX_CACHE") or root / "jax_cache")
+    # The workers' JAX compilation cache: a program compiled by one worker (the same
+    # model's sampler, logprob or train step at one shape) is reused by the next.
+    self.cache = root / "jax_cache"
     self._tokenizers, self._models = {}, {}
 
   def tokenizer_dir(self, model_path: str) -> str:
