@@ -261,6 +261,16 @@ def shrink_train_config(c, *, model_dir: str = "", tokenizer_dir: str = "") -> d
     _set(c, "episode.chunk_tokens", min(c.episode.chunk_tokens, CHUNK_TOKENS), changes)
   if c.sft.steps:
     _set(c, "sft.steps", min(c.sft.steps, TINY_SFT_STEPS), changes)
+  # The lr schedule's lengths are sizes too: an explicit schedule (the
+  # multi-attempt configs: 317 warmup updates of 10560, as the reference) is
+  # shrunk with the run, in proportion, else two steps would train at lr ~0.
+  for opt in ("actor_optim", "critic_optim"):
+    o = c[opt]
+    if o.total_steps:
+      scale = STEPS / c.train.steps
+      _set(c, f"{opt}.warmup_steps", int(o.warmup_steps * scale), changes)
+      _set(c, f"{opt}.delay_steps", int(o.delay_steps * scale), changes)
+      _set(c, f"{opt}.total_steps", 0, changes)  # 0 = derived from the shrunk run
   _set(c, "train.steps", STEPS, changes)
   _set(c, "train.ckpt_every", 1, changes)
   _set(c, "train.grader_workers", min(c.train.grader_workers, GRADER_WORKERS), changes)

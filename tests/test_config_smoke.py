@@ -74,6 +74,10 @@ the changed keys, printed with the timings):
                   30 / 6 kept); DAPO rl.overlong_buffer 4096 -> 8 (the same
                   half of max_new_tokens, so the shaping is active).
   tiny            sft.steps 300 -> 20 (its format warm start).
+  lr schedule     an explicit one (total_steps set: the multi-attempt configs'
+                  317-of-10560 warmup) is shrunk with the run in proportion:
+                  warmup/delay scaled by 2 / train.steps, total_steps -> 0
+                  (derived from the shrunk run); else 2 steps train at lr ~0.
   steps           train.steps -> 2; train.ckpt_every -> 1 (a step-1 checkpoint
                   to resume from). eval_every is kept: a 2-step run evaluates
                   at its last step, as the trainer does.
