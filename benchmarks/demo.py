@@ -76,13 +76,14 @@ def mean_of(rows, key, first=True, n=5):
 
 
 def evaluate(workdir, out, limit, max_attempts):
-  from mars import evaluate as ev
-  cfg = ev.default_config()
+  from mars.trainer import eval_settings, evaluation
+  from mars import config as mars_config
+  cfg = mars_config.default_eval_config()
   cfg.benchmarks = "candidates"
   cfg.mode = "attempts"
   cfg.max_attempts = max_attempts
   cfg.limit = limit
-  res = ev.run_cli(cfg, workdir, out)
+  res = evaluation.run_cli(cfg, workdir, out)
   per = res["benchmarks"]["candidates"] if "benchmarks" in res else res["per_benchmark"]["candidates"]
   return [per[f"acc@{k}"] for k in range(1, max_attempts + 1)]
 

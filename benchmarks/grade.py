@@ -8,7 +8,7 @@ each boxed as written and rewritten into equivalent and non-equivalent forms:
 fractions vs decimals, integers as n.0 and with a percent sign, thousands
 separators, sets in another order or with a part missing, several boxes,
 intervals with other brackets, LaTeX variants, another row's answer (wrong),
-plus nasty model outputs (mars.rewards.adversarial). The reference is plain
+plus nasty model outputs (tests/adversarial_inputs.py). The reference is plain
 math-verify, `verify(parse("$gold$"), parse(response))` with its default
 configs and timeouts, run in spawned processes that are killed past
 --reference-timeout-s (such pairs are left out and counted). The headline
@@ -21,7 +21,7 @@ Throughput sets:
   math500_mismatched  solution i vs the answer of row i+1 (mostly wrong, so
                       math-verify runs its full comparison instead of matching
                       strings).
-  adversarial         mars.rewards.adversarial: 240 nasty outputs.
+  adversarial         tests/adversarial_inputs.py: 240 nasty outputs.
 
 Each set runs on a fresh pool: pass 1 is "cold" (workers still filling sympy
 and parser caches), passes 2..N are "warm" (a long-lived trainer pool; as in
@@ -46,7 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mars import rewards  # pylint: disable=wrong-import-position
-from mars.rewards import adversarial  # pylint: disable=wrong-import-position
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import adversarial_inputs as adversarial  # pylint: disable=wrong-import-position  # tests/ fixture
 
 
 def default_data_dir() -> str:

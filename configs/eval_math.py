@@ -20,11 +20,11 @@ Examples:
     --config.limit=100                  # seeded 100-problem subsample per benchmark
     --config.n=64 --config.ks="(1,8,64)"
 """
-from mars import evaluate
+from mars import config as mars_config
 
 
 def get_config():
-  c = evaluate.default_config()
+  c = mars_config.default_eval_config()
   c.benchmarks = "math500,aime24,aime25,amc23,minerva_math,olympiadbench"  # + gsm8k, candidates
   c.mode = "passk"
   # passk (seed 2).

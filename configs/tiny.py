@@ -1,7 +1,7 @@
 """The embedded CPU demo (the README's first command; no downloads, 2 cores).
 
 A tiny Qwen3-architecture model and a tokenizer built by mars learn the
-candidates task (mars/demo_task.py): the prompt lists k candidates, one is
+candidates task (mars/demo/): the prompt lists k candidates, one is
 right and unknowable from the prompt, so single-attempt accuracy is capped at
 1/k, but a policy that never repeats a rejected candidate reaches min(N/k, 1)
 with N attempts. Multi-attempt training must teach it to use the feedback.
@@ -102,7 +102,8 @@ def get_config():
   c.train.ckpt_every = 10
   c.train.keep = 2
   c.train.grader_workers = 2
-  c.train.eval_every = 0
+  c.train.eval_every = c.train.steps  # held-out eval at the end only, and before RL:
+  c.train.eval_before = True          # the summary's before/after table
   c.eval.benchmarks = "candidates"
   c.eval.max_attempts = 4
   c.eval.limit = 128

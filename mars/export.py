@@ -10,6 +10,9 @@ import sys
 
 from absl import app, flags
 
+from mars import models
+from mars.trainer import run_state
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json",
                    "chat_template.jinja")
@@ -28,8 +31,7 @@ def export(workdir: str, out: str, step=None, dtype: str = "bfloat16") -> int:
 
   bf16 by default, as Qwen's hub files are: the fp32 masters stay in the run's
   checkpoints, and a served model computes in bf16 anyway."""
-  from mars import models, train
-  tokenizer, model_cfg, params, restored_step = train.load_params_from_workdir(workdir, step)
+  tokenizer, model_cfg, params, restored_step = run_state.restore_policy(workdir, step)
   models.save_hf(model_cfg, params, out, dtype=dtype)
   tokenizer.hf.save_pretrained(out)
   # Keep the original files too where the tokenizer came from a directory (exact bytes).
@@ -50,8 +52,7 @@ def main(argv):
   try:
     step = export(f.workdir, f.out, f.step, f.dtype)
   except Exception as e:  # one clear line for input errors; real bugs keep their traceback
-    from mars.models import CheckpointError, UnsupportedConfigError
-    if not isinstance(e, (FileNotFoundError, CheckpointError, UnsupportedConfigError)):
+    if not isinstance(e, (FileNotFoundError, models.CheckpointError, models.UnsupportedConfigError)):
       raise
     print(f"mars.export: error: {e}", file=sys.stderr)
     sys.exit(2)

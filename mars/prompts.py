@@ -85,7 +85,7 @@ def feedback_turn(n: int, close_assistant: bool) -> str:
   return prefix + _turn("system", feedback_message(n)) + f"{IM_START}assistant\n"
 
 
-# ---- LTE hinted templates: the single-turn prompt with a note on the problem.
+# ---- LTE's notes, appended to the problem (mars.episodes.hints builds the hinted prompts).
 
 CONCISE_NOTE = (
     "Note: previous attempts at this problem ran out of space before reaching "
@@ -105,28 +105,3 @@ CONCISE_HINT_NOTE = (
 def format_wrong_answers(wrong_answers: Sequence[str]) -> str:
   """`$a1$, $a2$, ...`: each answer as inline math, in the given order."""
   return ", ".join(f"${answer}$" for answer in wrong_answers)
-
-
-def concise_prompt(problem: str) -> str:
-  return single_turn_prompt(f"{problem}\n\n{CONCISE_NOTE}")
-
-
-def hint_prompt(problem: str, wrong_answers: Sequence[str]) -> str:
-  """Single-turn prompt + the wrong-answer hint.
-
-  With no wrong answers there is nothing to hint (e.g. every failed rollout
-  gave no boxed answer), so this is the plain single-turn prompt: the LTE
-  "vanilla extra rollouts" case.
-  """
-  if not wrong_answers:
-    return single_turn_prompt(problem)
-  note = HINT_NOTE.format(answers=format_wrong_answers(wrong_answers))
-  return single_turn_prompt(f"{problem}\n\n{note}")
-
-
-def concise_hint_prompt(problem: str, wrong_answers: Sequence[str]) -> str:
-  """Both notes; with no wrong answers it is `concise_prompt` (see hint_prompt)."""
-  if not wrong_answers:
-    return concise_prompt(problem)
-  note = CONCISE_HINT_NOTE.format(answers=format_wrong_answers(wrong_answers))
-  return single_turn_prompt(f"{problem}\n\n{note}")

@@ -102,8 +102,8 @@ def first_problems(data_name: str, seed: int, data_dir: str, batches: int = STEP
   pipeline is seeded): mars.train's source and PromptPipeline, shrunk batch size."""
   from mars import data
   if data_name == "candidates":
-    from mars import train
-    source = train.make_source(config)
+    from mars.trainer import loop, policy, rollout_phase, run_state
+    source = policy.make_source(config)
   else:
     source = data.load_source(data_name, "train", data_dir=data_dir)
   pipeline = data.PromptPipeline(source, PROMPTS_PER_STEP, seed=seed)
@@ -312,8 +312,8 @@ def _leaves(tree) -> dict:
 def train_state(config, workdir: str) -> tuple:
   """({leaf: array} of the TrainState, step): fresh (empty workdir) or restored
   from the latest checkpoint, through mars.train.setup (the path a run takes)."""
-  from mars import train
-  run = train.setup(config, workdir, grade_fn=_no_grader)
+  from mars.trainer import loop, policy, rollout_phase, run_state
+  run = run_state.setup(config, workdir, grade_fn=_no_grader)
   try:
     return _leaves(run.state), run.start_step
   finally:
@@ -383,7 +383,9 @@ def eval_numbers(results: dict) -> dict:
 
 def run_train_config(spec: dict, report: dict) -> None:
   from mars import config as mars_config
-  from mars import evaluate, train
+  from mars.trainer import eval_settings, evaluation
+  from mars.trainer import loop, policy, rollout_phase, run_state
+  from mars import config as mars_config
   name, root = spec["config"], spec["workdir"]
   c = mars_config.load_config_file(os.path.join(CONFIGS, f"{name}.py"))
   report["shrunk"] = shrink_train_config(c, model_dir=spec.get("model_dir", ""),
@@ -398,7 +400,7 @@ def run_train_config(spec: dict, report: dict) -> None:
   times["setup_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  train.train(c, straight)
+  loop.train(c, straight)
   times["straight_2_steps_s"] = time.perf_counter() - t0
 
   # Resume at step 1: the straight run's workdir as it stood after step 1
@@ -406,7 +408,7 @@ def run_train_config(spec: dict, report: dict) -> None:
   shutil.copytree(straight, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", str(STEPS)))
   t0 = time.perf_counter()
-  train.train(c, resumed)
+  loop.train(c, resumed)
   times["resume_1_step_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -427,20 +429,21 @@ def run_train_config(spec: dict, report: dict) -> None:
   times["compare_s"] = time.perf_counter() - t0
 
   t0 = time.perf_counter()
-  ecfg = evaluate.trainer_eval_config(c)
+  ecfg = eval_settings.trainer_eval_config(c)
   report["eval_config"] = ecfg.to_dict()
-  results = evaluate.run_cli(ecfg, straight, os.path.join(root, "eval"), label=name)
+  results = evaluation.run_cli(ecfg, straight, os.path.join(root, "eval"), label=name)
   report["eval"] = eval_numbers(results)
   times["eval_s"] = time.perf_counter() - t0
 
 
 def run_eval_config(spec: dict, report: dict) -> None:
   from mars import config as mars_config
-  from mars import evaluate
+  from mars.trainer import eval_settings, evaluation
+  from mars import config as mars_config
   c = mars_config.load_config_file(os.path.join(CONFIGS, f"{spec['config']}.py"))
   report["shrunk"] = shrink_eval_config(c)
   t0 = time.perf_counter()
-  results = evaluate.run_cli(c, spec["model_dir"], os.path.join(spec["workdir"], "eval"),
+  results = evaluation.run_cli(c, spec["model_dir"], os.path.join(spec["workdir"], "eval"),
                              label=spec["config"])
   report["times"]["eval_s"] = time.perf_counter() - t0
   report["eval"] = {c.mode: eval_numbers(results)}
@@ -456,6 +459,7 @@ def main(spec_path: str) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from mars import train
+  from mars.trainer import loop, policy, rollout_phase, run_state
   train.quiet_library_logs()
   report = {"config": spec["config"], "devices": jax.device_count(), "times": {}}
   t0 = time.perf_counter()

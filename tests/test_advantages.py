@@ -381,34 +381,3 @@ def test_dapo_filter_groups_drops_all_equal_groups():
   gid = np.array([3, 3, 7, 7, 0, 0, 9, 2])
   keep = adv_lib.dapo_filter_groups(reward, gid)
   np.testing.assert_array_equal(keep, [False, False, True, True, False, False, False, False])
-
-
-def test_dynamic_sampling_buffer_accumulates_until_full():
-  buf = adv_lib.DynamicSamplingBuffer(target_groups=3)
-  # Round 1: groups 0 (mixed) and 1 (all correct). Rows carry their own tag.
-  rows = {"tag": np.array([10, 11, 12, 13]), "tokens": np.arange(8).reshape(4, 2)}
-  assert buf.add(rows, np.array([1.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1])) == 1
-  assert not buf.full
-  with pytest.raises(ValueError):
-    buf.take()
-  # Round 2 reuses ids 0 and 1 (both mixed, kept) and adds 2 (all wrong, dropped).
-  rows2 = {"tag": np.array([20, 21, 22, 23, 24, 25]), "tokens": np.arange(12).reshape(6, 2)}
-  assert buf.add(rows2, np.array([0, 1, 1, 0, 0, 0.0]), np.array([1, 1, 0, 0, 2, 2])) == 2
-  assert buf.full and buf.num_groups == 3
-  rows_out, gid = buf.take()
-  np.testing.assert_array_equal(rows_out["tag"], [10, 11, 20, 21, 22, 23])
-  np.testing.assert_array_equal(rows_out["tokens"][2], [0, 1])
-  np.testing.assert_array_equal(gid, [0, 0, 1, 1, 2, 2])
-  assert buf.last_metrics["dapo/kept_group_frac"] == pytest.approx(3 / 5)
-  assert buf.last_metrics["dapo/sampling_rounds"] == 2
-  assert buf.num_groups == 0 and not buf.full  # reset after take
-
-
-def test_dynamic_sampling_buffer_drops_overflow_groups():
-  buf = adv_lib.DynamicSamplingBuffer(target_groups=1)
-  rows = {"tag": np.arange(4)}
-  buf.add(rows, np.array([1.0, 0.0, 0.0, 1.0]), np.array([5, 5, 6, 6]))
-  rows_out, gid = buf.take()
-  np.testing.assert_array_equal(rows_out["tag"], [0, 1])
-  np.testing.assert_array_equal(gid, [0, 0])
-  assert buf.num_groups == 0

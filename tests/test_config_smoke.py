@@ -29,7 +29,7 @@ mars.evaluate.run_cli and reports; this test then asserts:
       checkpoint of the straight run was written asynchronously while step 2
       ran, so this also checks async saving against the donated train state.)
   (d) mars.evaluate.run_cli on the straight run's checkpoint, with the run's
-      own eval settings (evaluate.trainer_eval_config), gives a finite number
+      own eval settings (eval_settings.trainer_eval_config), gives a finite number
       for every metric of every configured benchmark.
 configs/eval_math.py is an eval config: its test is run_cli on a tiny
 Qwen3-4B-shaped HF checkpoint in its own mode (passk), with (d)'s check.

@@ -10,7 +10,7 @@ import pytest
 
 from mars import config as mars_config
 from mars import models, sharding
-from mars import train
+from mars.trainer import loop, policy, rollout_phase, run_state
 from mars.rl import optim, step as step_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -31,12 +31,11 @@ def test_real_config_builds_abstract_train_state(name, shared_dir):
   model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype, dtype=c.model.dtype,
                                  remat=c.model.remat)
   mesh = sharding.make_mesh((1, 4, 2))
-  train._lazy_imports()
-  policy_opt = optim.make_optimizer(train._optim_cfg(c.actor_optim, c))
-  critic_opt = (optim.make_optimizer(train._optim_cfg(c.critic_optim, c))
+  policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
+  critic_opt = (optim.make_optimizer(run_state.optim_config(c.critic_optim, c))
                 if c.algorithm == "ppo" else None)
   shardings = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
-  abstract = jax.eval_shape(lambda: train.fresh_state_abstract(model_cfg, policy_opt, critic_opt))
+  abstract = jax.eval_shape(lambda: run_state.abstract_train_state(model_cfg, policy_opt, critic_opt))
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   assert n_params == model_cfg.num_params()
   expected = {"qwen2.5-math-1.5b": 1.54e9, "qwen3-4b-base": 4.02e9, "qwen3-8b-base": 8.19e9}
@@ -57,7 +56,6 @@ def test_tiny_config_validates():
 
 @pytest.mark.parametrize("override,message", [
     (dict(algorithm="reinforce"), "Unknown algorithm 'reinforce'"),
-    (dict(data=dict(candidates_rule="last")), "Unknown data.candidates_rule 'last'"),
     (dict(sft=dict(hint_fraction=1.5)), r"sft.hint_fraction=1.5 must be in \[0, 1\]"),
     (dict(episode=dict(min_attempts=3, max_attempts=2)), "max_attempts=2 < episode.min_attempts=3"),
     (dict(rl=dict(minibatch_size=12)), "not divisible by rl.minibatch_size=12"),
@@ -88,20 +86,28 @@ def test_config_errors_are_one_clear_line(override, message):
   assert "\n" not in str(e.value)
 
 
+def test_demo_rule_error_is_one_clear_line():
+  """The demo's settings are checked where the demo is resolved (the trainer's policy module)."""
+  c = load("tiny")
+  c.data.candidates_rule = "last"
+  with pytest.raises(mars_config.ConfigError, match="Unknown data.candidates_rule 'last'") as e:
+    policy.make_source(c)
+  assert "\n" not in str(e.value)
+
+
 def test_shortened_cosine_run_shortens_its_warmup():
   """The demo decays its lr by cosine over train.steps × updates; a run cut to
   2 steps (4 updates, under the 10-update warmup) warms up for 2 and decays,
   while an explicit total_steps under the warmup stays an error."""
-  train._lazy_imports()
   c = load("tiny")
   c.train.steps, c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 2, 8, 4, 16
-  o = train._optim_cfg(c.actor_optim, c)
+  o = run_state.optim_config(c.actor_optim, c)
   assert (o["schedule"], o["total_steps"], o["warmup_steps"]) == ("cosine", 4, 2)
   lr = optim.make_schedule(o)
   peak, floor = c.actor_optim.lr, c.actor_optim.lr * c.actor_optim.min_lr_ratio
   assert [float(lr(i)) for i in (0, 2, 4)] == pytest.approx([0.0, peak, floor])
   c.train.steps = 100  # the full demo keeps its configured warmup
-  assert train._optim_cfg(c.actor_optim, c)["warmup_steps"] == c.actor_optim.warmup_steps
+  assert run_state.optim_config(c.actor_optim, c)["warmup_steps"] == c.actor_optim.warmup_steps
   c.actor_optim.total_steps = 4
   with pytest.raises(ValueError, match="total_steps > warmup_steps"):
-    optim.make_schedule(train._optim_cfg(c.actor_optim, c))
+    optim.make_schedule(run_state.optim_config(c.actor_optim, c))

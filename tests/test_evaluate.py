@@ -11,7 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from mars import eval_metrics, eval_report, evaluate
+from mars import config as mars_config
+from mars import eval_metrics, eval_report
+from mars.trainer import eval_settings, evaluation
 from mars.rewards import Grade, extract_boxed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,8 +160,8 @@ def bigram_sampler(qwen_tokenizer):
 def attempts_run(qwen_tokenizer, bigram_sampler):
   sampler, params = bigram_sampler
   grader = ScriptedGrader()
-  policy = evaluate.Policy(ResettingSampler(sampler, grader), params, qwen_tokenizer, grader)
-  cfg = evaluate.default_config()
+  policy = evaluation.Policy(ResettingSampler(sampler, grader), params, qwen_tokenizer, grader)
+  cfg = mars_config.default_eval_config()
   # Shapes shared with test_evaluate_for_trainer (5 prompts in the 128-token bucket, one
   # 384-column cache for every k): the compiled programs are reused.
   cfg.update(dict(mode="attempts", max_attempts=K, greedy=True, budget=128, chunk_tokens=8,
@@ -175,7 +177,7 @@ def attempts_run(qwen_tokenizer, bigram_sampler):
       self.total += n
 
   progress = Progress()
-  metrics = evaluate.run_attempts("toy", problems, cfg, policy, __import__("jax").random.key(0),
+  metrics = evaluation.run_attempts("toy", problems, cfg, policy, __import__("jax").random.key(0),
                                   samples, progress)
   return metrics, samples, grader, progress
 
@@ -208,7 +210,7 @@ def test_evaluate_for_trainer(qwen_tokenizer, bigram_sampler, tmp_path):
   """The trainer's hook: same code on the live policy, flat metrics, files in the workdir."""
   import types
   import jax
-  from mars import config as mars_config, demo_task, sharding
+  from mars import config as mars_config, demo, sharding
   sampler, params = bigram_sampler
   config = mars_config.default_config()
   config.eval.update(dict(benchmarks="candidates", mode="attempts", max_attempts=2, limit=5, n=1))
@@ -221,13 +223,13 @@ def test_evaluate_for_trainer(qwen_tokenizer, bigram_sampler, tmp_path):
       config=config, workdir=str(tmp_path), sampler=sampler, tokenizer=qwen_tokenizer,
       state=types.SimpleNamespace(params=params), grade_fn=exact,
       mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
-  metrics = evaluate.evaluate_for_trainer(run, step=10)
+  metrics = evaluation.evaluate_for_trainer(run, step=10)
   # The model always answers 7: an episode is solved iff 7 is the hidden answer.
-  problems = evaluate.load_problems("candidates", evaluate.trainer_eval_config(config))
+  problems = eval_settings.load_problems("candidates", eval_settings.trainer_eval_config(config))
   expected = np.mean([p["answer"] == "7" for p in problems])
   assert metrics == pytest.approx({"eval/candidates/acc@1": expected, "eval/candidates/acc@2": expected,
                                    "eval/avg/acc@1": expected, "eval/avg/acc@2": expected})
-  assert len(problems) == 5 and 0 < expected < 1 and all(p["id"].startswith(f"{demo_task.SOURCE}/") for p in problems)
+  assert len(problems) == 5 and 0 < expected < 1 and all(p["id"].startswith(f"{demo.SOURCE}/") for p in problems)
   assert (tmp_path / "eval" / "step_10" / eval_report.RESULTS_JSON).exists()
 
 
@@ -237,12 +239,12 @@ def test_evaluate_for_trainer(qwen_tokenizer, bigram_sampler, tmp_path):
 @pytest.fixture(scope="module")
 def cli_run(tiny_hf_dir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("eval_out"))
-  cfg = evaluate.default_config()
+  cfg = mars_config.default_eval_config()
   # seed 6 draws 5 short problems: a 128-token prompt bucket keeps the prefill cheap.
   cfg.update(dict(benchmarks="math500", mode="passk", limit=5, seed=6, n=2, ks=(1, 2),
                   max_new_tokens=8, batch_size=5, dtype="float32", mesh_shape=(1, 1, 1),
                   data_dir=str(tmp_path_factory.mktemp("tfds"))))
-  results = evaluate.run_cli(cfg, tiny_hf_dir, out, label="tiny")
+  results = evaluation.run_cli(cfg, tiny_hf_dir, out, label="tiny")
   return out, results
 
 
@@ -285,48 +287,48 @@ def test_compare_plot_overlays_runs(cli_run, tmp_path):
 # Bad input: one clear line each, before anything loads or compiles.
 
 def test_bad_inputs_raise_clear_errors(tmp_path, tiny_hf_dir):
-  cfg = evaluate.default_config()
+  cfg = mars_config.default_eval_config()
   cfg.benchmarks = "math500,aime2024"
-  with pytest.raises(evaluate.EvalError, match="Unknown benchmark 'aime2024'; choose from"):
-    evaluate.run_cli(cfg, tiny_hf_dir, str(tmp_path / "out"))
-  cfg = evaluate.default_config()
+  with pytest.raises(eval_settings.EvalError, match="Unknown benchmark 'aime2024'; choose from"):
+    evaluation.run_cli(cfg, tiny_hf_dir, str(tmp_path / "out"))
+  cfg = mars_config.default_eval_config()
   cfg.n, cfg.ks = 4, (1, 8)
-  with pytest.raises(evaluate.EvalError, match="Pass@8 needs k <= n .* n=4"):
-    evaluate.run_cli(cfg, tiny_hf_dir, str(tmp_path / "out"))
+  with pytest.raises(eval_settings.EvalError, match="Pass@8 needs k <= n .* n=4"):
+    evaluation.run_cli(cfg, tiny_hf_dir, str(tmp_path / "out"))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(evaluate.EvalError, match="is empty"):
-    evaluate.run_cli(evaluate.default_config(), str(tmp_path / "empty"), str(tmp_path / "out"))
+  with pytest.raises(eval_settings.EvalError, match="is empty"):
+    evaluation.run_cli(mars_config.default_eval_config(), str(tmp_path / "empty"), str(tmp_path / "out"))
   (tmp_path / "run" / "checkpoints").mkdir(parents=True)
   (tmp_path / "run" / "config.json").write_text("{}")
-  assert evaluate.checkpoint_kind(str(tmp_path / "run")) == "run"
-  cfg = evaluate.default_config()
+  assert eval_settings.checkpoint_kind(str(tmp_path / "run")) == "run"
+  cfg = mars_config.default_eval_config()
   cfg.benchmarks, cfg.candidates_rule = "candidates", "last"
-  with pytest.raises(evaluate.EvalError, match="Unknown candidates_rule 'last'"):
-    evaluate.run_cli(cfg, str(tmp_path / "run"), str(tmp_path / "out"))
+  with pytest.raises(eval_settings.EvalError, match="Unknown candidates_rule 'last'"):
+    evaluation.run_cli(cfg, str(tmp_path / "run"), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 
 
 def test_demo_benchmark_asks_the_question_the_run_trained_on(tmp_path):
   """Eval of a run reads its task (k, rule) and episode shape from the run's config.json;
   explicit settings win, and anything else (an HF checkpoint) gets the math fallbacks."""
-  assert evaluate.run_settings(str(tmp_path)) == {}  # no config.json
+  assert eval_settings.run_settings(str(tmp_path)) == {}  # no config.json
   (tmp_path / "config.json").write_text(json.dumps(
       {"data": {"candidates_k": 8, "candidates_rule": "first"},
        "episode": {"budget": 30, "chunk_tokens": 6}, "rollout": {"max_new_tokens": 16}}))
   (tmp_path / "checkpoints").mkdir()
-  cfg = evaluate.default_config()
+  cfg = mars_config.default_eval_config()
   cfg.chunk_tokens = 12  # set by the user: kept
-  evaluate.fill_run_defaults(cfg, str(tmp_path))
+  eval_settings.fill_run_defaults(cfg, str(tmp_path))
   assert (cfg.candidates_k, cfg.candidates_rule, cfg.budget, cfg.chunk_tokens,
           cfg.max_new_tokens) == (8, "first", 30, 12, 16)
   (tmp_path / "config.json").write_text("{not json")
-  cfg = evaluate.default_config()
-  evaluate.fill_run_defaults(cfg, str(tmp_path))
+  cfg = mars_config.default_eval_config()
+  eval_settings.fill_run_defaults(cfg, str(tmp_path))
   assert (cfg.candidates_k, cfg.candidates_rule, cfg.budget, cfg.chunk_tokens,
           cfg.max_new_tokens) == (3, "hidden", 3000, 64, 4096)
-  cfg = evaluate.default_config()
+  cfg = mars_config.default_eval_config()
   cfg.candidates_k, cfg.candidates_rule, cfg.limit = 8, "first", 20
-  rows = evaluate.load_problems(evaluate.DEMO_BENCHMARK, cfg)
+  rows = eval_settings.load_problems(eval_settings.DEMO_BENCHMARK, cfg)
   assert len(rows) == 20
   assert all(r["answer"] == r["problem"].split(": ")[1].split(",")[0] for r in rows)
 

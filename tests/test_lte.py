@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import mars.models as mm
+from mars import config as mars_config
 from mars import prompts
 from mars.episodes import lte, multi_attempt, single_turn
 from mars.episodes.packing import EpisodeResult, Row, pack
@@ -89,22 +90,29 @@ def test_hint_set_longer_than_cap():
 # ----------------------------------------------------------------------------
 # hinted_prompt
 
+# The three hinted templates, written out: the single-turn prompt with a note on the problem.
+CONCISE = lambda q: prompts.single_turn_prompt(f"{q}\n\n{prompts.CONCISE_NOTE}")
+HINT = lambda q, wrong: prompts.single_turn_prompt(
+    f"{q}\n\n{prompts.HINT_NOTE.format(answers=prompts.format_wrong_answers(wrong))}")
+CONCISE_HINT = lambda q, wrong: prompts.single_turn_prompt(
+    f"{q}\n\n{prompts.CONCISE_HINT_NOTE.format(answers=prompts.format_wrong_answers(wrong))}")
+
 def test_hinted_prompt_per_class():
   q, wrong = "Compute 1+1.", ["3", "1/2"]
-  assert lte.hinted_prompt(q, lte.OVERLONG_ALL, wrong) == prompts.concise_prompt(q)
-  assert lte.hinted_prompt(q, lte.OVERLONG_SOME, wrong) == prompts.concise_hint_prompt(q, wrong)
-  assert lte.hinted_prompt(q, lte.PASS_NONE, wrong) == prompts.hint_prompt(q, wrong)
+  assert lte.hinted_prompt(q, lte.OVERLONG_ALL, wrong) == CONCISE(q)
+  assert lte.hinted_prompt(q, lte.OVERLONG_SOME, wrong) == CONCISE_HINT(q, wrong)
+  assert lte.hinted_prompt(q, lte.PASS_NONE, wrong) == HINT(q, wrong)
   assert "$3$, $1/2$" in lte.hinted_prompt(q, lte.PASS_NONE, wrong)
   # No usable wrong answer: nothing to hint.
   assert lte.hinted_prompt(q, lte.PASS_NONE, []) == prompts.single_turn_prompt(q)
-  assert lte.hinted_prompt(q, lte.OVERLONG_SOME, []) == prompts.concise_prompt(q)
+  assert lte.hinted_prompt(q, lte.OVERLONG_SOME, []) == CONCISE(q)
 
 
 def test_hinted_prompt_vanilla_extra_rollouts():
   q, wrong = "Compute 1+1.", ["3"]
   assert lte.hinted_prompt(q, lte.PASS_NONE, wrong, "none") == prompts.single_turn_prompt(q)
-  assert lte.hinted_prompt(q, lte.OVERLONG_SOME, wrong, "none") == prompts.concise_prompt(q)
-  assert lte.hinted_prompt(q, lte.OVERLONG_ALL, wrong, "none") == prompts.concise_prompt(q)
+  assert lte.hinted_prompt(q, lte.OVERLONG_SOME, wrong, "none") == CONCISE(q)
+  assert lte.hinted_prompt(q, lte.OVERLONG_ALL, wrong, "none") == CONCISE(q)
 
 
 @pytest.mark.parametrize("source", lte.HINT_SOURCES)
@@ -223,7 +231,7 @@ class FakeSingleTurn:
             for i, (_, r, t) in enumerate(script)]
     meta = [dict(problem_id=problems[i // G]["id"], status=st, extracted="5", canonical="5",
                  response="r", off_policy=False) for i, (st, _, _) in enumerate(script)]
-    return EpisodeResult(rows=rows, batch=pack(rows, PAD), meta=meta, metrics={})
+    return EpisodeResult(rows=rows, meta=meta, metrics={}, pad_id=PAD)
 
 
 def test_no_all_fail_group_is_plain_grpo(monkeypatch, tokenizer):
@@ -272,7 +280,7 @@ def test_lte_metrics_counts_zero_advantage_groups():
   codes = np.array([lte.SOME_PASS, lte.ALL_PASS, lte.PASS_NONE, lte.OVERLONG_ALL, lte.EMPTY])
   rows = [_row([1], [2], 0, reward=1.0), _row([1], [2], 0)]
   rows[0].off_policy = True
-  result = EpisodeResult(rows=rows, batch=None, meta=[], metrics={})
+  result = EpisodeResult(rows=rows, meta=[], metrics={}, pad_id=PAD)
   m = lte.lte_metrics(codes, successes=[4, 0], G=4, result=result)
   assert m["lte/all_fail_frac"] == 0.5 and m["lte/some_pass_frac"] == 0.25
   assert m["lte/pass_none_frac"] == 0.25 and m["lte/overlong_all_frac"] == 0.25
@@ -395,7 +403,8 @@ def _cfg(**kw):
 
 
 def _lte_cfg(**kw):
-  cfg = lte.default_config()
+  cfg = mars_config.default_config().lte
+  cfg.enabled = True
   cfg.update(**kw)
   return cfg
 
@@ -644,7 +653,7 @@ class FakeMultiAttempt:
       meta.append(dict(problem_id=problems[b // G]["id"], num_attempts=n, status=status,
                        answers=list(answers), grades=list(grades), response=f"r{b}",
                        off_policy=False))
-    return EpisodeResult(rows=rows, batch=pack(rows, PAD), meta=meta,
+    return EpisodeResult(rows=rows, meta=meta, pad_id=PAD,
                                      metrics={"reward/mean": 0.0})
 
 

@@ -96,9 +96,9 @@ def test_overlong_shaping_reaches_the_update(runs):
 
 
 def test_final_params_equal(runs):
-  from mars import train
-  _, _, multi, step_m = train.load_params_from_workdir(str(runs["root"] / "multi"))
-  _, _, single, step_s = train.load_params_from_workdir(str(runs["root"] / "single"))
+  from mars.trainer import loop, policy, rollout_phase, run_state
+  _, _, multi, step_m = run_state.restore_policy(str(runs["root"] / "multi"))
+  _, _, single, step_s = run_state.restore_policy(str(runs["root"] / "single"))
   assert step_m == step_s == STEPS
   import jax
   diffs = [np.abs(np.asarray(a) - np.asarray(b)).ravel()

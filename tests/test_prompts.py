@@ -5,6 +5,7 @@ import pathlib
 import pytest
 
 from mars import prompts
+from mars.episodes import hints
 
 SHARED = pathlib.Path(os.environ.get(
     "MARS_SHARED_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
@@ -67,13 +68,13 @@ def test_lte_literals():
           "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
           "<|im_start|>user\nWhat is $1+1$?\n\n")
   end = "<|im_end|>\n<|im_start|>assistant\n"
-  assert prompts.concise_prompt(PROBLEM) == base + (
+  assert hints.hinted_prompt(PROBLEM, hints.OVERLONG_ALL, []) == base + (
       "Note: previous attempts at this problem ran out of space before reaching a "
       "final answer. Reason concisely and reach your final answer quickly.") + end
-  assert prompts.hint_prompt(PROBLEM, ["3", "\\frac{1}{2}"]) == base + (
+  assert hints.hinted_prompt(PROBLEM, hints.PASS_NONE, ["3", "\\frac{1}{2}"]) == base + (
       "Hint: the following answers have been tried and are incorrect: $3$, "
       "$\\frac{1}{2}$. Do not mention or rely on these hints in your solution.") + end
-  assert prompts.concise_hint_prompt(PROBLEM, ["3"]) == base + (
+  assert hints.hinted_prompt(PROBLEM, hints.OVERLONG_SOME, ["3"]) == base + (
       "Note: some previous attempts at this problem ran out of space before reaching "
       "a final answer, so reason concisely. Hint: the following answers have been "
       "tried and are incorrect: $3$. Do not mention or rely on these hints in your "
@@ -82,15 +83,15 @@ def test_lte_literals():
 
 def test_lte_templates_extend_single_turn_prompt():
   prefix = prompts.single_turn_prompt(PROBLEM)[:-len("<|im_end|>\n<|im_start|>assistant\n")]
-  for text in (prompts.concise_prompt(PROBLEM), prompts.hint_prompt(PROBLEM, ["7"]),
-               prompts.concise_hint_prompt(PROBLEM, ["7"])):
+  for text in (hints.hinted_prompt(PROBLEM, hints.OVERLONG_ALL, []), hints.hinted_prompt(PROBLEM, hints.PASS_NONE, ["7"]),
+               hints.hinted_prompt(PROBLEM, hints.OVERLONG_SOME, ["7"])):
     assert text.startswith(prefix + "\n\n")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_hint_without_wrong_answers_is_unhinted():
-  assert prompts.hint_prompt(PROBLEM, []) == prompts.single_turn_prompt(PROBLEM)
-  assert prompts.concise_hint_prompt(PROBLEM, []) == prompts.concise_prompt(PROBLEM)
+  assert hints.hinted_prompt(PROBLEM, hints.PASS_NONE, []) == prompts.single_turn_prompt(PROBLEM)
+  assert hints.hinted_prompt(PROBLEM, hints.OVERLONG_SOME, []) == hints.hinted_prompt(PROBLEM, hints.OVERLONG_ALL, [])
 
 
 def test_render_chat_default_system_and_no_generation_prompt():

@@ -6,7 +6,7 @@ import math_verify
 import pytest
 
 from mars import rewards
-from mars.rewards import adversarial
+import adversarial_inputs as adversarial  # tests/adversarial_inputs.py (a fixture, not library)
 from mars.rewards import worker as worker_lib
 
 TIMEOUT_S = 1.0

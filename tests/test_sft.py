@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from mars import demo_task, prompts, sft, sharding
+from mars import demo, prompts, sft, sharding
 from mars.rewards.extract import extract_boxed
 from mars.sampling import GREEDY, Sampler
 from mars.tokenizer import left_pad, load_tokenizer
@@ -15,18 +15,18 @@ STEPS, BATCH, LR = 150, 16, 3e-3
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return load_tokenizer(demo_task.build_tokenizer(str(tmp_path_factory.mktemp("sft") / "tok")))
+  return load_tokenizer(demo.build_tokenizer(str(tmp_path_factory.mktemp("sft") / "tok")))
 
 
 @pytest.fixture(scope="module")
 def cfg(tok):
-  return demo_task.tiny_model_config(tok.vocab_size)
+  return demo.tiny_model_config(tok.vocab_size)
 
 
 def test_pack_examples_scores_only_the_response(tok):
   examples = [("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "yo<|im_end|>"),
               (prompts.single_turn_prompt("Candidates: 1, 2, 3. Which one is it?"),
-               demo_task.answer_text(2) + prompts.IM_END)]
+               demo.answer_text(2) + prompts.IM_END)]
   tokens, attention_mask, loss_mask = sft.pack_examples(tok, examples)
   assert tokens.shape[1] % 16 == 0
   for row, (prompt, response) in enumerate(examples):
@@ -37,8 +37,8 @@ def test_pack_examples_scores_only_the_response(tok):
 
 
 def test_sft_is_deterministic_keeps_input_and_shards(tok, cfg):
-  examples = demo_task.format_examples(demo_task.CandidateTask(), 32, 0, feedback_fraction=0)
-  params = demo_task.init_demo_params(cfg, jax.random.key(0))
+  examples = demo.format_examples(demo.CandidateTask(), 32, 0, feedback_fraction=0)
+  params = demo.init_demo_params(cfg, jax.random.key(0))
   run = lambda mesh=None: sft.sft_train(cfg, params, tok, examples, steps=3, batch_size=8,
                                         lr=1e-3, seed=1, mesh=mesh)
   (p1, h1), (p2, h2) = run(), run()
@@ -53,15 +53,15 @@ def test_sft_is_deterministic_keeps_input_and_shards(tok, cfg):
 
 
 def test_sft_teaches_the_answer_format(tok, cfg):
-  task = demo_task.CandidateTask(seed=0)
-  examples = demo_task.format_examples(task, 512, np.random.default_rng(0))
-  params = demo_task.init_demo_params(cfg, jax.random.key(0))
+  task = demo.CandidateTask(seed=0)
+  examples = demo.format_examples(task, 512, np.random.default_rng(0))
+  params = demo.init_demo_params(cfg, jax.random.key(0))
   params, history = sft.sft_train(cfg, params, tok, examples, steps=STEPS, batch_size=BATCH,
                                   lr=LR, seed=0)
   losses = [h["loss"] for h in history]
   assert np.mean(losses[-10:]) < 0.05 * losses[0], losses[::10]
 
-  held_out = demo_task.CandidateTask(seed=1)
+  held_out = demo.CandidateTask(seed=1)
   rows = [held_out[i] for i in range(16)]
   texts = [prompts.multi_attempt_prompt(r["problem"], 1 + i % 5) if i % 4
            else prompts.single_turn_prompt(r["problem"]) for i, r in enumerate(rows)]
@@ -72,5 +72,5 @@ def test_sft_teaches_the_answer_format(tok, cfg):
   for i, row in enumerate(rows):
     answer = extract_boxed(tok.decode(out.response_tokens(i)))
     good += answer is not None and answer in [str(c) for c in
-                                              demo_task.candidates_of(row["problem"])]
+                                              demo.candidates_of(row["problem"])]
   assert good >= 13, good  # >= 80% of 16

@@ -82,7 +82,7 @@ def fast_compiles():
 
 @pytest.fixture(scope="module", autouse=True)
 def sharded_check():
-  """The 8-virtual-device comparison (tests/sharded_step_check.py) in a fresh process.
+  """The 8-virtual-device comparison (tests/sharded_step_worker.py) in a fresh process.
 
   The device count is fixed when JAX starts, hence the subprocess. It starts with
   the module: XLA compiles are single-threaded, so it overlaps with the tests
@@ -91,7 +91,7 @@ def sharded_check():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
-  proc = subprocess.Popen([sys.executable, os.path.join(root, "tests", "sharded_step_check.py")],
+  proc = subprocess.Popen([sys.executable, os.path.join(root, "tests", "sharded_step_worker.py")],
                           cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   yield proc

@@ -36,8 +36,8 @@ def _metrics(workdir):
 
 
 def _final_params(workdir):
-  from mars import train
-  _, _, params, step = train.load_params_from_workdir(workdir)
+  from mars.trainer import loop, policy, rollout_phase, run_state
+  _, _, params, step = run_state.restore_policy(workdir)
   import jax
   return step, [np.asarray(x) for x in jax.tree.leaves(params)]
 
@@ -80,8 +80,8 @@ def test_corrupt_latest_checkpoint_falls_back(straight_run, tmp_path):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  from mars import train
-  _, _, _, step = train.load_params_from_workdir(workdir)
+  from mars.trainer import loop, policy, rollout_phase, run_state
+  _, _, _, step = run_state.restore_policy(workdir)
   assert step == 5
 
 
@@ -116,9 +116,10 @@ def test_export_cli_round_trip(straight_run, tmp_path):
   bf16 rounding of the fp32 masters."""
   import torch
   import transformers
-  from mars import models, train
+  from mars import models
+  from mars.trainer import loop, policy, rollout_phase, run_state
   import jax.numpy as jnp
-  _, cfg, params, _ = train.load_params_from_workdir(straight_run)
+  _, cfg, params, _ = run_state.restore_policy(straight_run)
   tok = None
   for dtype, atol in (("float32", 1e-4), ("bfloat16", None)):
     out = str(tmp_path / dtype)
@@ -160,7 +161,7 @@ MODES = {
 def test_every_mode_trains_two_steps(mode, tmp_path):
   """Each algorithm/episode combination runs through the real loop and logs its keys."""
   from mars import config as mars_config
-  from mars import train
+  from mars.trainer import loop, policy, rollout_phase, run_state
   c = mars_config.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 8, 4, 16
   c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 5, 2, 2, 1
@@ -171,7 +172,7 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
       c[section].update(values)
     else:
       c[section] = values
-  last = train.train(c, str(tmp_path / mode))
+  last = loop.train(c, str(tmp_path / mode))
   assert np.isfinite(last["loss/loss"]) and last["skipped_updates"] == 0
   expected = {"ppo_multi_attempt": ["critic_loss", "kl_loss", "success@1"],
               "lte_single_turn": ["lte/all_fail_frac", "lte/hint_success_rate"],
@@ -226,13 +227,13 @@ def test_demo_reward_improves(tmp_path, staleness):
   -0.50 -> -0.44 and 0.23 -> 0.27, failing both asserts.
   """
   from mars import config as mars_config
-  from mars import train
+  from mars.trainer import loop, policy, rollout_phase, run_state
   c = mars_config.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 8, 8, 32
   c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 40, 12, 100, 1
   if staleness:  # one-step-off: each batch sampled with the previous step's params
     c.rollout.staleness, c.rl.recompute_old_logp = 1, True
-  train.train(c, str(tmp_path / "demo"))
+  loop.train(c, str(tmp_path / "demo"))
   rows = _metrics(str(tmp_path / "demo"))
   reward = [r["reward/mean"] for r in rows]
   no_answer = [r["reward/frac_no_answer"] for r in rows]

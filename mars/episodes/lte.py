@@ -36,144 +36,25 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from mars import distributed
 from mars import prompts
 from mars.episodes import multi_attempt
 from mars.episodes import single_turn as single_turn_lib
-from mars.episodes.packing import EpisodeResult, Row, pack
+from mars.episodes.hints import (  # the classes and hints, re-exported here
+    EMPTY, SOME_PASS, ALL_PASS, OVERLONG_ALL, OVERLONG_SOME, PASS_NONE, CLASS_NAMES,
+    ALL_FAIL_CLASSES, HINT_SOURCES, classify_groups, is_all_fail, build_hint_set, hinted_problem,
+    hinted_prompt)
+from mars.episodes.packing import EpisodeResult, Row
 from mars.host_metrics import Metrics, merge
 from mars.tokenizer import bucket_length
 
-# Group classes. Only the last three are all-fail (they get hinted rollouts).
-EMPTY, SOME_PASS, ALL_PASS, OVERLONG_ALL, OVERLONG_SOME, PASS_NONE = -1, 0, 1, 2, 3, 4
-CLASS_NAMES = {EMPTY: "empty", SOME_PASS: "some_pass", ALL_PASS: "all_pass",
-               OVERLONG_ALL: "overlong_all", OVERLONG_SOME: "overlong_some",
-               PASS_NONE: "pass_none"}
-ALL_FAIL_CLASSES = (OVERLONG_ALL, OVERLONG_SOME, PASS_NONE)
-HINT_SOURCES = ("wrong_answers", "none")
 EPISODES = ("single_turn", "multi_attempt")
-
-
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      enabled=True,
-      # "single_turn" (the paper) or "multi_attempt" (beyond the paper: groups
-      # of multi-attempt episodes; the hint lists every attempt's wrong answers).
-      episode="single_turn",
-      # "wrong_answers" (the paper) or "none": the "GRPO + vanilla extra rollouts"
-      # baseline (plain prompt for pass-none, Concise for overlong groups).
-      hint_source="wrong_answers",
-      hint_cap=10,           # at most this many wrong answers in a hint
-      hint_max_chars=200,    # longer extracted answers are left out of hints
-      replace_seed=0,        # with the step key, seeds each group's replacement choice
-      # The hinted prompt batch is padded to a power of two ≥ this (a handful of
-      # compiled shapes); on a mesh, set it to the data-parallel size.
-      hinted_min_prompts=1,
-  ))
 
 
 # ----------------------------------------------------------------------------
 # Pure selection logic (steps 2–6).
-
-def classify_groups(rewards, truncated, group_ids, num_groups: int) -> np.ndarray:
-  """Class code per group [num_groups] (SOME_PASS, ALL_PASS, OVERLONG_*, PASS_NONE).
-
-  A rollout passes when its reward is > 0 (or its bool flag is True). Group
-  ids with no rows get EMPTY.
-  """
-  group_ids = np.asarray(group_ids, np.int64)
-  passed = np.asarray(rewards) > 0
-  count = np.bincount(group_ids, minlength=num_groups)
-  n_pass = np.bincount(group_ids, weights=passed, minlength=num_groups)
-  n_cut = np.bincount(group_ids, weights=np.asarray(truncated, bool), minlength=num_groups)
-  fail = n_pass == 0
-  codes = np.full((num_groups,), SOME_PASS, np.int32)
-  codes[n_pass == count] = ALL_PASS
-  codes[fail & (n_cut == count)] = OVERLONG_ALL
-  codes[fail & (n_cut > 0) & (n_cut < count)] = OVERLONG_SOME
-  codes[fail & (n_cut == 0)] = PASS_NONE
-  codes[count == 0] = EMPTY
-  return codes
-
-
-def is_all_fail(codes) -> np.ndarray:
-  return np.isin(np.asarray(codes), ALL_FAIL_CLASSES)
-
-
-def build_hint_set(extracted: Sequence[Optional[str]], canonical: Sequence[Optional[str]],
-                   truncated: Sequence[bool], cap: Optional[int] = None,
-                   max_chars: Optional[int] = None) -> list:
-  """Distinct wrong answers of one group's failed rollouts, in first-seen order.
-
-  Args:
-    extracted: each failed rollout's extracted answer (None: nothing to hint).
-    canonical: its de-duplication key (e.g. Grade.canonical); None falls back to
-      the whitespace-free text. `1/2`, `0.5`, `\\frac12` share a key, so the
-      first of them is the one shown.
-    truncated: truncated rollouts are skipped (their answer was not final).
-    cap: at most this many answers (None: no cap).
-    max_chars: answers longer than this are skipped (they would bloat the prompt).
-  """
-  seen, hints = set(), []
-  for answer, key, cut in zip(extracted, canonical, truncated):
-    if cap is not None and len(hints) >= cap:
-      break
-    if cut or answer is None or not answer.strip():
-      continue
-    answer = answer.strip()
-    if max_chars is not None and len(answer) > max_chars:
-      continue
-    key = key if key else "".join(answer.split())
-    if key not in seen:
-      seen.add(key)
-      hints.append(answer)
-  return hints
-
-
-def hinted_problem(problem: str, code: int, hints: Sequence[str],
-                   hint_source: str = "wrong_answers") -> str:
-  """The problem text with the class's note appended (the paper's step 4).
-
-  Rendering it with the episode's own template gives the hinted prompt:
-  single_turn_prompt(hinted_problem(...)) == hinted_prompt(...), and the
-  multi-attempt prompt for lte.episode="multi_attempt". With no usable wrong
-  answer (or hint_source="none") there is nothing to hint: pass-none groups get
-  the plain problem (vanilla extra rollouts), overlong groups the Concise note.
-  """
-  if hint_source not in HINT_SOURCES:
-    raise ValueError(f"lte.hint_source must be one of {HINT_SOURCES}, got {hint_source!r}.")
-  hints = list(hints) if hint_source == "wrong_answers" else []
-  answers = prompts.format_wrong_answers(hints)
-  if code == OVERLONG_ALL or (code == OVERLONG_SOME and not hints):
-    note = prompts.CONCISE_NOTE
-  elif code == OVERLONG_SOME:
-    note = prompts.CONCISE_HINT_NOTE.format(answers=answers)
-  elif code == PASS_NONE:
-    note = prompts.HINT_NOTE.format(answers=answers) if hints else None
-  else:
-    raise ValueError(
-        f"hinted_problem: group class {CLASS_NAMES.get(code, code)!r} is not all-fail.")
-  return f"{problem}\n\n{note}" if note else problem
-
-
-def hinted_prompt(problem: str, code: int, hints: Sequence[str],
-                  hint_source: str = "wrong_answers") -> str:
-  """Single-turn prompt for an all-fail group's extra rollouts: Concise / ConciseHint / Hint."""
-  if hint_source not in HINT_SOURCES:
-    raise ValueError(f"lte.hint_source must be one of {HINT_SOURCES}, got {hint_source!r}.")
-  if hint_source == "none":
-    hints = ()  # vanilla extra rollouts: the prompts below fall back to plain / Concise
-  if code == OVERLONG_ALL:
-    return prompts.concise_prompt(problem)
-  if code == OVERLONG_SOME:
-    return prompts.concise_hint_prompt(problem, hints)
-  if code == PASS_NONE:
-    return prompts.hint_prompt(problem, hints)
-  raise ValueError(f"hinted_prompt: group class {CLASS_NAMES.get(code, code)!r} is not all-fail.")
-
 
 def select_replacements(orig_ok, hinted_ok, seed, hinted_truncated=None) -> list:
   """Pairs (orig_index, hinted_index): who replaces whom within one group.
@@ -262,7 +143,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     cfg: the episode config: single_turn's (group_size, max_new_tokens,
       sampling, rewards) or, with lte.episode="multi_attempt", multi_attempt's.
       Hinted rollouts use the same budget and sampling.
-    lte_cfg: `default_config()` fields.
+    lte_cfg: config.lte's fields (mars.config.default_config().lte).
     num_attempts, single_turn: passed to multi_attempt.rollout (multi_attempt only).
     group_size: G; defaults to cfg.group_size.
     group_offset: index of problems[0] in the global batch (a multi-host
@@ -277,14 +158,14 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   group the result is the plain one, bit for bit); hinted rollouts use
   fold_in(key, 1).
   """
-  episode = lte_cfg.get("episode", "single_turn")
+  episode = lte_cfg.episode
   if episode not in EPISODES:
     raise ValueError(f"lte.episode must be one of {EPISODES}, got {episode!r}.")
   G = int(group_size or cfg.group_size)
   run = _episode_runner(episode, sampler, params, tokenizer, grade_fn=grade_fn, cfg=cfg,
                         group_size=G, single_turn=single_turn)
   base = run(problems, key=key, num_attempts=num_attempts)
-  if not lte_cfg.get("enabled", True):
+  if not lte_cfg.enabled:
     return base
   # Pass/fail from the rewards the advantages will use, not the grader's status
   # string, so that a custom reward and LTE's selection cannot disagree.
@@ -302,10 +183,10 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   hinted_problems = []
   for g in hinted:
     hints = build_hint_set(*_wrong_answers(episode, base, np.flatnonzero(group_ids == g)),
-                           cap=lte_cfg.get("hint_cap", 10),
-                           max_chars=lte_cfg.get("hint_max_chars", 200))
+                           cap=lte_cfg.hint_cap,
+                           max_chars=lte_cfg.hint_max_chars)
     text = hinted_problem(problems[g]["problem"], codes[g], hints,
-                          lte_cfg.get("hint_source", "wrong_answers"))
+                          lte_cfg.hint_source)
     hinted_problems.append({**problems[g], "problem": text})
   # Each hinted episode announces the N of the original episode in its place.
   hinted_attempts = ([base.meta[r]["num_attempts"] for g in hinted
@@ -319,7 +200,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     hinted_problems = [problems[0]]
     hinted_attempts = [base.meta[0]["num_attempts"]] * G if episode == "multi_attempt" else None
   pad_to = distributed.agree_max(
-      bucket_length(len(hinted_problems), int(lte_cfg.get("hinted_min_prompts", 1))))
+      bucket_length(len(hinted_problems), int(lte_cfg.hinted_min_prompts)))
   extra = run(hinted_problems, key=jax.random.fold_in(key, 1), num_attempts=hinted_attempts,
               pad_prompts_to=pad_to)
   if placeholder:
@@ -333,7 +214,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   for h, g in enumerate(hinted):
     orig, new = np.flatnonzero(group_ids == g), np.flatnonzero(extra_groups == h)
     successes.append(int(np.sum(extra_ok[new] & ~extra_cut[new])))  # G'
-    rng = group_rng(lte_cfg.get("replace_seed", 0), key, group_offset + int(g))
+    rng = group_rng(lte_cfg.replace_seed, key, group_offset + int(g))
     for i, j in select_replacements(ok[orig], extra_ok[new], rng, extra_cut[new]):
       replacements.append((orig[i], extra.rows[new[j]]))
       unhinted.append(_unhinted_ids(episode, tokenizer, problems[g]["problem"],
@@ -355,7 +236,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     return dataclasses.replace(base, metrics=merge(
         base.metrics, lte_metrics(codes, successes, G, base, extra), gaps))
   rows = reattach_responses(base.rows, replacements, unhinted)
-  result = EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
+  result = EpisodeResult(rows=rows, meta=meta, pad_id=tokenizer.pad_id,
                          metrics=base.metrics)
   result.metrics = merge(base.metrics, lte_metrics(codes, successes, G, result, extra, base),
                          gaps)

@@ -41,7 +41,7 @@ import numpy as np
 from mars import distributed
 from mars import prompts
 from mars.episodes import attempts as rules
-from mars.episodes.packing import EpisodeResult, pack, rows_from_output
+from mars.episodes.packing import EpisodeResult, rows_from_output
 from mars.sampling import SamplingParams
 from mars.host_metrics import Metrics
 from mars.tokenizer import LENGTH_BUCKETS_PER_OCTAVE, bucket_length, left_pad
@@ -324,7 +324,7 @@ def _result(out, episodes, problems, G, tokenizer, cfg) -> EpisodeResult:
         model_tokens=int(row.is_model.sum()), response=tokenizer.decode(row.response),
         off_policy=False))
   max_k = max([int(_get(cfg, "max_attempts"))] + [ep.num_attempts for ep in episodes])
-  return EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
+  return EpisodeResult(rows=rows, meta=meta, pad_id=tokenizer.pad_id,
                        metrics=episode_metrics(episodes, rows, max_k))
 
 

@@ -8,6 +8,7 @@ it, positions counting real tokens. Re-attaching an LTE response to its
 unhinted prompt is just `dataclasses.replace(row, prompt=unhinted_ids)`.
 """
 import dataclasses
+import functools
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -117,12 +118,18 @@ def pack(rows: Sequence[Row], pad_id: int, prompt_len: Optional[int] = None,
 class EpisodeResult:
   """What every rollout producer hands the trainer.
 
-  rows: the ragged rows (before packing), batch: `pack(rows)` as a host
-  RolloutBatch, meta: one dict per row (problem id, attempts used, success
-  attempt, extracted answers, grades, hinted prompt, ...), metrics: scalars
-  to log (success@k, all-fail fraction, ...).
+  rows: the ragged rows, meta: one dict per row (problem id, attempts used,
+  success attempt, extracted answers, grades, hinted prompt, ...), metrics:
+  scalars to log (success@k, all-fail fraction, ...), pad_id: for packing.
+  `batch` is `pack(rows)`, made on first use: producers and the trainer's
+  reshaping steps (dynamic sampling, overlong shaping) work on rows, and the
+  trainer packs once per step (mars.trainer.update_phase.to_device_batch).
   """
   rows: List[Row]
-  batch: RolloutBatch
   meta: List[dict]
   metrics: dict
+  pad_id: int
+
+  @functools.cached_property
+  def batch(self) -> RolloutBatch:
+    return pack(self.rows, self.pad_id)

@@ -15,7 +15,7 @@ import numpy as np
 
 from mars import distributed
 from mars import prompts
-from mars.episodes.packing import EpisodeResult, pack, rows_from_output
+from mars.episodes.packing import EpisodeResult, rows_from_output
 from mars.host_metrics import Metrics
 from mars.sampling import SamplingParams
 from mars.tokenizer import bucket_length, left_pad
@@ -88,7 +88,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key,
     meta.append(dict(problem_id=problems[i // G]["id"], response=text,
                      extracted=grade.extracted, status=grade.status,
                      canonical=grade.canonical, off_policy=False))
-  return EpisodeResult(rows=rows, batch=pack(rows, tokenizer.pad_id), meta=meta,
+  return EpisodeResult(rows=rows, meta=meta, pad_id=tokenizer.pad_id,
                        metrics=rollout_metrics(rows, grades))
 
 

@@ -40,6 +40,7 @@ import time
 import jax
 
 from mars import distributed
+from mars.trainer import rollout_phase, run_state, update_phase
 
 
 def _inflight_dir(run) -> str:
@@ -73,23 +74,20 @@ def load_inflight(run, step: int):
     return pickle.load(f)
 
 
-def _sample(train_lib, run, step: int, version: int):
+def _sample(run, step: int, version: int):
   """(result, version, seconds): step `step`'s rollout with the current params, which
   have been trained `version` steps (θ_version)."""
   t0 = time.perf_counter()
-  result = train_lib.sample_rollout(run, step)
+  result = rollout_phase.sample_rollout(run, step)
   return result, version, time.perf_counter() - t0
 
 
-def train_loop(run, adv_fn, end: int, trainer=None) -> dict:
+def train_loop(run, adv_fn, end: int, *, maybe_eval, is_checkpoint_step) -> dict:
   """The interleaved loop from run.start_step to `end`; returns the last metrics.
 
-  trainer: the mars.train module the run was set up by (it is __main__ under
-  `python -m mars.train`, whose lazily imported globals a second import lacks).
+  maybe_eval(run, step), is_checkpoint_step(config, step): the synchronous loop's
+  (mars.trainer.loop), passed in so that the two loops share them.
   """
-  if trainer is None:
-    from mars import train as trainer
-  train_lib = trainer
   c = run.config
   start = run.start_step
   inflight = load_inflight(run, start) if start else None
@@ -97,7 +95,7 @@ def train_loop(run, adv_fn, end: int, trainer=None) -> dict:
     if start:
       logging.warning("No in-flight rollout saved with checkpoint %d: sampling step %d with "
                       "the restored params (version lag 0 for this step).", start, start)
-    inflight = _sample(train_lib, run, start, start)
+    inflight = _sample(run, start, start)
   last = {}
   for step in range(start, end):
     result, version, rollout_s = inflight
@@ -105,17 +103,17 @@ def train_loop(run, adv_fn, end: int, trainer=None) -> dict:
 
     def sample_next(step=step):
       if step + 1 < c.train.steps:
-        nxt["inflight"] = _sample(train_lib, run, step + 1, step)  # θ_step, before its update
+        nxt["inflight"] = _sample(run, step + 1, step)  # θ_step, before its update
 
-    metrics = train_lib.update_on_rollout(run, step, adv_fn, result, rollout_s,
+    metrics = update_phase.update_on_rollout(run, step, adv_fn, result, rollout_s,
                                           version=version, before_update=sample_next)
     inflight = nxt.get("inflight")
-    metrics.update(train_lib.maybe_eval(run, step + 1))
+    metrics.update(maybe_eval(run, step + 1))
     run.writer.write(step + 1, metrics)
     last = metrics
-    if (step + 1) % c.train.ckpt_every == 0 or step + 1 == c.train.steps:
+    if is_checkpoint_step(c, step + 1):
       if inflight is not None:
         save_inflight(run, step + 1, inflight)
       distributed.any_process(False)  # every process wrote its file before the checkpoint
-      train_lib.save_checkpoint(run, step + 1)
+      run_state.save_checkpoint(run, step + 1)
   return last

@@ -1,7 +1,7 @@
 """Sharded vs unsharded train step on 8 virtual CPU devices (run by tests/test_step.py).
 
 Runs in its own process because the device count is fixed when JAX starts:
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_check.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_step_worker.py
 Prints one JSON line: max |Δparams| per mesh, whether params are really split.
 """
 import json

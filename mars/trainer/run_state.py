@@ -1,0 +1,218 @@
+"""The run state: mesh, policy, optimizers, shardings, pipeline, checkpoint; built fresh or resumed.
+
+`setup` is the one constructor of a training run's state; `restore_policy`
+rebuilds the same layout to read a run's params back (mars.evaluate, mars.export).
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mars import checkpoint, distributed, models, sampling, sharding
+from mars import config as mars_config
+from mars import data as data_lib
+from mars import metrics as metrics_lib
+from mars.rl import critic as critic_lib
+from mars.rl import optim
+from mars.rl import step as step_lib
+from mars.trainer import policy
+
+# Forced tokens a row can queue at once (a multi-attempt feedback turn is ~30 tokens).
+SAMPLER_QUEUE_LEN = 128
+
+
+@dataclasses.dataclass
+class Run:
+  config: object
+  workdir: str
+  mesh: object
+  tokenizer: object
+  model_cfg: object
+  sampler: object
+  state: object                 # rl.step.TrainState
+  ref_params: object
+  state_shardings: object
+  train_step: Callable
+  pipeline: object
+  grade_fn: Callable
+  base_key: object
+  start_step: int
+  writer: object
+  ckpt: object
+  close: Callable
+
+
+def updates_per_step(config) -> int:
+  rows = config.data.prompts_per_step * config.rollout.group_size
+  return config.rl.ppo_epochs * (rows // (config.rl.minibatch_size or rows))
+
+
+def optim_config(opt_cfg, config) -> dict:
+  """An optimizer section as a dict, with total_steps derived from the run's length if unset."""
+  o = opt_cfg.to_dict()
+  if o["total_steps"]:
+    return o
+  # Derived from the run's length: a run shortened on the command line (a
+  # smoke test of a cosine config) keeps a decay by shortening the warmup to
+  # half the updates, rather than failing. An explicit total_steps is kept as
+  # set, and one not above the warmup stays an error.
+  o["total_steps"] = config.train.steps * updates_per_step(config)
+  busy = o["total_steps"] - o["delay_steps"]
+  if o["schedule"] == "cosine" and busy <= o["warmup_steps"]:
+    logging.warning("cosine schedule: %d updates after the delay do not exceed warmup_steps=%d; "
+                    "warming up for %d.", busy, o["warmup_steps"], busy // 2)
+    o["warmup_steps"] = max(busy // 2, 0)
+  return o
+
+
+def rl_step_config(config) -> dict:
+  """config.rl as the update step reads it."""
+  r = config.rl.to_dict()
+  r["micro_batch_size"] = r["micro_batch_size"] or None
+  if config.rl.kl_in_reward:
+    r["kl_coef"] = 0.0  # the KL enters the reward, not the loss
+  return r
+
+
+def make_optimizers(config):
+  """(policy optimizer, critic optimizer or None)."""
+  policy_opt = optim.make_optimizer(optim_config(config.actor_optim, config))
+  critic_opt = (optim.make_optimizer(optim_config(config.critic_optim, config))
+                if config.algorithm == "ppo" else None)
+  return policy_opt, critic_opt
+
+
+def reference_params(model_cfg, params):
+  """The frozen KL reference: a copy in the compute dtype. It only feeds a
+  forward pass, which casts to that dtype anyway, so fp32 storage would buy
+  nothing and cost twice the memory (verl keeps its reference in bf16 too)."""
+  ref = models.cast_params(params, model_cfg.dtype)
+  return jax.tree.map(jnp.copy, ref) if ref is params else ref  # params are donated later
+
+
+def abstract_train_state(model_cfg, policy_opt, critic_opt):
+  """Call under jax.eval_shape: the train state's tree, without allocating it."""
+  params = models.init_params(model_cfg, jax.random.key(0))
+  critic = critic_lib.init_critic(params, model_cfg, jax.random.key(0)) if critic_opt else None
+  return step_lib.init_train_state(params, policy_opt, critic, critic_opt)
+
+
+def checkpoint_items(config, model_cfg, state_sh, policy_opt, critic_opt, from_hf: bool) -> dict:
+  """The abstract items a checkpoint holds: the train state, and the KL reference
+  when it is not the HF checkpoint (the demo's reference is its warm start)."""
+  train = checkpoint.abstract_like(
+      jax.eval_shape(lambda: abstract_train_state(model_cfg, policy_opt, critic_opt)), state_sh)
+  items = {"train": train}
+  if config.rl.kl_coef > 0 and not from_hf:
+    items["ref"] = checkpoint.abstract_like(
+        jax.eval_shape(lambda p: reference_params(model_cfg, p), train.params), state_sh.params)
+  return items
+
+
+def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
+  """The run's state at its start step: fresh, or resumed from the workdir's latest checkpoint."""
+  distributed.maybe_initialize()
+  if not distributed.is_main_process():
+    # Process 0 alone logs progress (absl and stdlib loggers alike).
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+  mars_config.validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  pipeline = data_lib.PromptPipeline(
+      policy.make_source(config), config.data.prompts_per_step, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  tokenizer, model_cfg, params, from_hf = policy.load_policy(config, workdir, mesh)
+  sharding.check_heads(model_cfg.num_heads, mesh)
+
+  policy_opt, critic_opt = make_optimizers(config)
+  state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  needs_ref = config.rl.kl_coef > 0
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
+                                 async_save=config.train.async_checkpoint)
+  base_key = jax.random.key(config.seed)
+
+  start_step = 0
+  if ckpt.latest_step() is None:
+    params = policy.warm_start(config, model_cfg, params, tokenizer, mesh)
+    params = jax.device_put(params, state_sh.params)
+    critic = (critic_lib.init_critic(params, model_cfg, jax.random.fold_in(base_key, 1))
+              if critic_opt is not None else None)
+    ref = reference_params(model_cfg, params) if needs_ref else None
+    state = jax.device_put(step_lib.init_train_state(params, policy_opt, critic, critic_opt),
+                           state_sh)
+  else:
+    start_step, restored, meta = ckpt.restore(
+        checkpoint_items(config, model_cfg, state_sh, policy_opt, critic_opt, from_hf))
+    state, ref = restored["train"], restored.get("ref")
+    if needs_ref and from_hf:  # the reference is the HF checkpoint
+      ref = reference_params(model_cfg, jax.device_put(params, state_sh.params))
+    pipeline.set_state(meta["pipeline"])
+    base_key = checkpoint.key_from_json(meta["key"])
+    logging.info("Resumed from step %d in %s", start_step, workdir)
+  del params
+
+  writer = metrics_lib.MetricsWriter(workdir, config.train.steps,
+                                     enabled=distributed.is_main_process())
+  writer.truncate_after(start_step)
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  close_grader = lambda: None
+  if grade_fn is None:
+    grade_fn, close_grader = policy.make_grade_fn(config)
+  sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                             mesh=mesh, queue_len=SAMPLER_QUEUE_LEN)
+  train_step = step_lib.make_train_step(model_cfg, rl_step_config(config), policy_opt, critic_opt,
+                                        mesh, state_sh)
+
+  def close():
+    ckpt.close()
+    writer.close()
+    close_grader()
+
+  return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
+             sampler=sampler, state=state, ref_params=ref, state_shardings=state_sh,
+             train_step=train_step, pipeline=pipeline, grade_fn=grade_fn, base_key=base_key,
+             start_step=start_step, writer=writer, ckpt=ckpt, close=close)
+
+
+def save_checkpoint(run: Run, step: int, force: bool = False):
+  items = {"train": run.state}
+  if run.ref_params is not None and not run.config.model.path:
+    items["ref"] = run.ref_params
+  meta = {"step": step, "key": checkpoint.key_to_json(run.base_key),
+          "pipeline": run.pipeline.get_state(),
+          "config": json.loads(run.config.to_json_best_effort())}
+  run.ckpt.save(step, items, meta, force=force)
+
+
+def restore_policy(workdir: str, step: Optional[int] = None, mesh=None):
+  """(tokenizer, model config, policy params, step) from a run's latest (or given) checkpoint.
+
+  Used by mars.evaluate and mars.export; reads the run's saved config.json.
+  """
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{workdir} is not a mars run directory (no config.json).")
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  mesh = mesh or sharding.make_mesh((1, -1, 1))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
+                                 async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints.")
+  tokenizer, model_cfg, from_hf = policy.describe_policy(config, workdir)
+  policy_opt, critic_opt = make_optimizers(config)
+  state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  restored_step, restored, _ = ckpt.restore(
+      checkpoint_items(config, model_cfg, state_sh, policy_opt, critic_opt, from_hf), step)
+  ckpt.close()
+  return tokenizer, model_cfg, restored["train"].params, restored_step
