@@ -160,6 +160,7 @@ def setup_torch(preset, data, model_dict):
 def setup_mars(preset, data, model_dict):
   """(step, info, close) for the mars train step."""
   import jax
+  from mars import config as mars_config
   from mars import sharding
   from mars.batch import empty_batch, positions_from_mask
   from mars.models import from_hf_dict, init_params
@@ -177,9 +178,10 @@ def setup_mars(preset, data, model_dict):
       positions=np.asarray(positions_from_mask(np.ones((B, T), bool))), loss_mask=loss_mask)
   batch = jax.device_put(batch, step_lib.batch_shardings(mesh))
   adv = jax.device_put(adv, sharding.batch_sharding(mesh))
-  rl_cfg = dict(micro_batch_size=preset["micro_batch"], agg_mode="token-mean")
+  rl_cfg = mars_config.rl_config(micro_batch_size=preset["micro_batch"], agg_mode="token-mean",
+                                 recompute_old_logp=False)
 
-  opt = optim.make_optimizer(dict(OPT, schedule="constant"))
+  opt = optim.make_optimizer(mars_config.optimizer_config(**OPT))
   shardings = step_lib.train_state_shardings(cfg, mesh, opt)
   init = jax.jit(lambda key: step_lib.init_train_state(init_params(cfg, key), opt),
                  out_shardings=shardings)

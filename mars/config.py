@@ -3,7 +3,12 @@
 Experiment configs in configs/*.py start from `default_config()` and override
 what they change, so every field below is documented once, here.
 """
+import math
+
 import ml_collections
+
+from mars.episodes.attempts import ATTEMPT_ENDS
+from mars.rewards import BOXES
 
 ALGORITHMS = ("ppo", "grpo", "dapo")
 EPISODE_KINDS = ("single_turn", "multi_attempt")
@@ -39,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""            # "" = $MARS_DATA_DIR (offline files) or download
   c.data.prompts_per_step = 128
   c.data.candidates_k = 3         # demo task: candidates per problem
-  c.data.candidates_rule = "hidden"  # demo task: hidden | first (see demo_task.RULES)
+  c.data.candidates_rule = "hidden"  # demo task: hidden | first (see mars/demo/task.py RULES)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8        # G samples (or episodes) per prompt
@@ -50,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.reward_correct = 1.0  # single-turn rewards (binary by default)
   c.rollout.reward_wrong = 0.0
   c.rollout.truncated_is_failure = True  # cut at max_new_tokens = fail (LTE's "overlong")
-  # One-step-off-policy rollouts (mars/async_rollout.py): 0 = synchronous (sample
+  # One-step-off-policy rollouts (mars/trainer/async_loop.py): 0 = synchronous (sample
   # with the params being trained, today's loop); 1 = the batch trained at step t
   # was sampled with step t-1's params, while step t-1's update ran. Needs
   # rl.recompute_old_logp=True (the proximal old_logp is the trainer's current
@@ -157,7 +162,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sft.steps = 0                 # supervised format warm start (demo)
   c.sft.batch_size = 32
   c.sft.lr = 3e-3
-  c.sft.hint_fraction = 0.0       # share of LTE-hinted prompts (demo_task.format_examples)
+  c.sft.hint_fraction = 0.0       # share of LTE-hinted prompts (mars.demo.format_examples)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
@@ -180,6 +185,33 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.limit = 64
   c.eval.n = 1
   return c
+
+
+def rl_config(**overrides) -> dict:
+  """config.rl's defaults as a dict, with `overrides` (tests and benchmarks that drive
+  mars.rl.step directly; a trainer passes its run's config.rl)."""
+  return _overridden(default_config().rl.to_dict(), overrides)
+
+
+def optimizer_config(**overrides) -> dict:
+  """An optimizer section's defaults as a dict, with `overrides` (see rl_config)."""
+  return _overridden(_optim(0.0).to_dict(), overrides)
+
+
+def _overridden(defaults: dict, overrides: dict) -> dict:
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ConfigError(f"Unknown config field(s) {unknown}; known: {sorted(defaults)}.")
+  return dict(defaults, **overrides)
+
+
+def multi_attempt_config(c) -> ml_collections.ConfigDict:
+  """What a multi-attempt episode reads (mars.episodes.multi_attempt): config.episode plus
+  the rollout's sampling settings and group size."""
+  cfg = ml_collections.ConfigDict(c.episode.to_dict())
+  for k in ("temperature", "top_p", "top_k", "group_size"):
+    cfg[k] = c.rollout[k]
+  return cfg
 
 
 def _optim(lr):
@@ -235,7 +267,6 @@ class ConfigError(ValueError):
 
 def validate(c, num_devices: int = None) -> None:
   """One clear error line per problem, before any compile."""
-  import math
   if c.algorithm not in ALGORITHMS:
     raise ConfigError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
   if c.episode.kind not in EPISODE_KINDS:
@@ -261,7 +292,6 @@ def validate(c, num_devices: int = None) -> None:
                       f"episode.min_attempts={c.episode.min_attempts}.")
   if c.episode.min_attempts < 1:
     raise ConfigError(f"episode.min_attempts must be >= 1, got {c.episode.min_attempts}.")
-  from mars.episodes.attempts import ATTEMPT_ENDS
   if c.episode.attempt_end not in ATTEMPT_ENDS:
     raise ConfigError(f"Unknown episode.attempt_end {c.episode.attempt_end!r}; choose one of "
                       f"{ATTEMPT_ENDS}.")
@@ -319,7 +349,6 @@ def validate(c, num_devices: int = None) -> None:
       if n % data:
         raise ConfigError(f"{what}={n} is not divisible by the data×fsdp mesh size {data} "
                           f"(mesh_shape {tuple(shape)}).")
-  from mars.rewards import BOXES
   if c.train.grader_boxes not in BOXES:
     raise ConfigError(f"Unknown train.grader_boxes {c.train.grader_boxes!r}; choose one of "
                       f"{BOXES}.")

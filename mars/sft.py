@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mars import config as mars_config
 from mars import sharding
+from mars import models
 from mars.models import qwen
 from mars.models.config import ModelConfig
 from mars.rl import optim
@@ -101,9 +103,9 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
   if steps < 1 or batch_size < 1:
     raise ValueError(f"sft_train: steps ({steps}) and batch_size ({batch_size}) must be >= 1.")
   warmup = min(steps // 10, 20) if warmup_steps is None else warmup_steps
-  opt_cfg = (("lr", lr), ("warmup_steps", warmup), ("schedule", "cosine"),
-             ("total_steps", steps), ("min_lr_ratio", 0.1), ("weight_decay", weight_decay),
-             ("grad_clip", grad_clip))
+  opt_cfg = tuple(sorted(mars_config.optimizer_config(
+      lr=lr, warmup_steps=warmup, schedule="cosine", total_steps=steps, min_lr_ratio=0.1,
+      weight_decay=weight_decay, grad_clip=grad_clip).items()))
   optimizer, train_step = _train_step(cfg, mesh, opt_cfg)
   schedule = optim.make_schedule(dict(opt_cfg))
   data = pack_examples(tokenizer, examples)
@@ -112,7 +114,6 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
   params = jax.tree.map(jnp.array, params)  # a private copy: donation must not eat the caller's.
   rows = None
   if mesh is not None:
-    from mars import models
     sharding.check_batch(batch_size, mesh, "SFT batch")
     params = jax.device_put(params, models.param_shardings(cfg, mesh))
     rows = sharding.batch_sharding(mesh, 2)

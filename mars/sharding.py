@@ -106,6 +106,11 @@ def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
   return jax.tree.unflatten(treedef, out)
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many shards the logical batch axis is split into (batches must divide it)."""
+  return mesh_axis_size(mesh, LOGICAL_RULES["batch"])
+
+
 def check_batch(batch_size: int, mesh: Mesh, what: str = "batch"):
   """Clear error before any compile if a batch doesn't divide data×fsdp."""
   size = mesh_axis_size(mesh, LOGICAL_RULES["batch"])

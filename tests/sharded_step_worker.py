@@ -18,6 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mars import config as mars_config  # noqa: E402
 from mars import sharding  # noqa: E402
 from mars.rl import critic as critic_lib  # noqa: E402
 from mars.rl import optim  # noqa: E402
@@ -40,7 +41,7 @@ ROWS, MINIBATCH, MICRO = 32, 16, 8
 # Large Adam eps keeps the update a smooth function of the gradient, so the
 # (legitimately) different reduction order of a sharded matmul can't flip the
 # sign of a near-zero gradient into a ±lr difference.
-OPT = {"lr": 1e-2, "eps": 1e-4, "weight_decay": 0.01, "grad_clip": 1.0}
+OPT = mars_config.optimizer_config(lr=1e-2, eps=1e-4, weight_decay=0.01, grad_clip=1.0)
 
 
 def run(mesh):

@@ -397,7 +397,7 @@ WRONG_ALL = lambda i: Grade("wrong", "5", "5")
 
 
 def _cfg(**kw):
-  cfg = single_turn.default_config()
+  cfg = mars_config.default_config().rollout
   cfg.update(dict(dict(group_size=G, max_new_tokens=NEW), **kw))
   return cfg
 
@@ -669,7 +669,7 @@ def test_multi_attempt_groups_get_hinted_multi_attempt_episodes(monkeypatch, tok
     monkeypatch.setattr(multi_attempt, "rollout", fake)
     key = jax.random.key(0)
     result = lte.rollout(None, None, tokenizer, problems, key=key, grade_fn=None,
-                         cfg=multi_attempt.default_config(), group_size=2,
+                         cfg=mars_config.multi_attempt_config(mars_config.default_config()), group_size=2,
                          num_attempts=[2, 2, 2, 3],
                          lte_cfg=_lte_cfg(episode="multi_attempt", replace_seed=seed))
     first, second = fake.calls
@@ -711,7 +711,7 @@ def test_multi_attempt_lte_end_to_end_tiny_model(model, tokenizer):
   sampler = RecordingSampler(model[0], stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                              queue_len=128)  # byte-level feedback turns are ~100 tokens
   sampler.prompts = []
-  cfg = multi_attempt.default_config()
+  cfg = mars_config.multi_attempt_config(mars_config.default_config())
   cfg.update(chunk_tokens=8, budget=12, max_attempts=2)
   kw = dict(key=jax.random.key(2), grade_fn=ScriptedGrader(), cfg=cfg, num_attempts=2,
             group_size=2)

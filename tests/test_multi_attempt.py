@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import mars.models as mm
+from mars import config as mars_config
 from mars import prompts
 from mars.episodes import attempts as rules
 from mars.episodes import multi_attempt as ma
@@ -39,7 +40,7 @@ def tok(shared_dir):
 
 
 def cfg_with(**kw):
-  cfg = ma.default_config()
+  cfg = mars_config.multi_attempt_config(mars_config.default_config())
   cfg.update(kw)
   return cfg
 
@@ -551,7 +552,7 @@ def test_paper_configs_attempt_semantics(tok):
   out = {}
   for name in ("multi_attempt_1p5b", "ppo_single_turn_1p5b"):
     c = mars_config.load_config_file(str(configs / f"{name}.py"))
-    cfg = ma.default_config()
+    cfg = mars_config.multi_attempt_config(mars_config.default_config())
     cfg.update({k: v for k, v in c.episode.items() if k in cfg})
     calls = []
     out[name] = ma.rollout(ScriptedSampler(ids, tok), None, tok,

@@ -400,8 +400,8 @@ def _step_setup(rows=8, T=12):
 def test_step_with_correction_logs_and_rho_one_is_bit_exact():
   from mars.rl import optim, step as step_lib
   cfg, params, batch, adv, rng = _step_setup()
-  opt = optim.make_optimizer({"lr": 1e-2})
-  base = dict(eps_low=0.2, eps_high=0.2, micro_batch_size=4, recompute_old_logp=True)
+  opt = optim.make_optimizer(mars_config.optimizer_config(lr=1e-2))
+  base = mars_config.rl_config(eps_low=0.2, eps_high=0.2, micro_batch_size=4, recompute_old_logp=True)
   out = {}
   for name, extra in (("none", {}), ("tis", dict(rollout_correction="tis")),
                       ("icepop", dict(rollout_correction="icepop"))):

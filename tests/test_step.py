@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mars import config as mars_config
 from mars.batch import empty_batch, positions_from_mask
 from mars.models import init_params, tiny_config, token_logprobs
 from mars.rl import critic as critic_lib
@@ -19,10 +20,11 @@ from mars.rl import step as step_lib
 TINY = tiny_config("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 T = 16
-RL_CFG = dict(eps_low=0.2, eps_high=0.28, kl_coef=0.01, kl_kind="k3", entropy_coef=0.01,
-              agg_mode="token-mean", value_clip=0.2, vf_coef=1.0)
+RL_CFG = mars_config.rl_config(eps_low=0.2, eps_high=0.28, kl_coef=0.01, kl_kind="k3",
+                               entropy_coef=0.01, agg_mode="token-mean", value_clip=0.2,
+                               vf_coef=1.0)
 # eps=1e-4: a smooth Adam step, so reduction-order noise can't flip near-zero gradients.
-OPT = {"lr": 1e-2, "eps": 1e-4, "weight_decay": 0.01, "grad_clip": 1.0}
+OPT = mars_config.optimizer_config(lr=1e-2, eps=1e-4, weight_decay=0.01, grad_clip=1.0)
 
 
 def make_batch(rows: int, seed: int = 0, params=None):
@@ -188,7 +190,7 @@ def test_feedback_tokens_excluded(policy_step, params, opt, batch):
 
 def test_critic_value_loss_decreases(params, opt, batch):
   b, adv, ret = batch
-  copt = optim.make_optimizer({"lr": 3e-3, "grad_clip": 1.0})
+  copt = optim.make_optimizer(mars_config.optimizer_config(lr=3e-3, grad_clip=1.0))
   critic = critic_lib.init_critic(params, TINY, jax.random.key(1))
   train_step = step_lib.make_train_step(TINY, dict(RL_CFG, value_clip=None), opt, copt)
   state, history = _run(train_step, params, opt, b, adv, ret, steps=6, critic=critic,

@@ -13,7 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small, fast version of configs/tiny.py.
 SMALL = ["--config.data.prompts_per_step=8", "--config.rollout.group_size=4",
          "--config.rl.minibatch_size=16", "--config.sft.steps=10", "--config.train.steps=6",
-         "--config.train.ckpt_every=1", "--config.train.grader_workers=1"]
+         "--config.train.ckpt_every=1", "--config.train.grader_workers=1",
+         "--config.eval.limit=16"]  # the demo's before/after eval, on fewer problems
 VOLATILE = ("time/", "compile_count")
 
 

@@ -36,6 +36,7 @@ import dataclasses
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mars import distributed
@@ -48,6 +49,7 @@ from mars.episodes.hints import (  # the classes and hints, re-exported here
     hinted_prompt)
 from mars.episodes.packing import EpisodeResult, Row
 from mars.host_metrics import Metrics, merge
+from mars.rewards import canonical_answer
 from mars.tokenizer import bucket_length
 
 EPISODES = ("single_turn", "multi_attempt")
@@ -105,7 +107,6 @@ def old_logp_for_loss(batch, recomputed_old_logp):
   rows use the sampling-time logp under the hinted prompt, so the ratio is
   π_θ(y | Prompt(q)) / π_behaviour(y | hinted prompt).
   """
-  import jax.numpy as jnp
   off = jnp.asarray(batch.is_off_policy, bool)[:, None]
   return jnp.where(off, jnp.asarray(batch.behaviour_logp), jnp.asarray(recomputed_old_logp))
 
@@ -294,7 +295,6 @@ def _wrong_answers(episode, base: EpisodeResult, rows):
     metas = [base.meta[r] for r in rows]
     return ([m["extracted"] if m["status"] == "wrong" else None for m in metas],
             [m["canonical"] for m in metas], [base.rows[r].truncated for r in rows])
-  from mars.rewards import canonical_answer
   answers = [a for r in rows for a, g in zip(base.meta[r]["answers"], base.meta[r]["grades"])
              if g == "wrong" and a is not None]
   return answers, [canonical_answer(a) for a in answers], [False] * len(answers)

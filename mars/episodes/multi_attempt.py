@@ -35,7 +35,6 @@ import functools
 from typing import Callable, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from mars import distributed
@@ -47,48 +46,18 @@ from mars.host_metrics import Metrics
 from mars.tokenizer import LENGTH_BUCKETS_PER_OCTAVE, bucket_length, left_pad
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Episode settings; defaults follow the paper (Qwen2.5-Math-1.5B run)."""
-  return ml_collections.ConfigDict(dict(
-      min_attempts=1,          # training draws N ~ U{min_attempts..max_attempts} per question
-      max_attempts=5,
-      chunk_tokens=64,         # tokens generated between two host checks
-      budget=3000,             # sampled tokens shared by all attempts of an episode
-      # When an attempt ends: boxed = right after its first complete \boxed{} |
-      # chunk = the reference: end of the chunk holding a complete last box |
-      # eos = end of the model's turn. See the module docstring.
-      attempt_end="boxed",
-      max_chunks=0,            # chunk mode: chunks an episode may use (0 = no cap)
-      reward_correct=1.0,      # some attempt correct (times attempt_discount^(k-1))
-      reward_wrong=-0.5,       # a boxed answer was given, none correct
-      reward_no_answer=-1.0,   # no attempt ever gave a complete box
-      attempt_discount=1.0,    # 1.0: the paper (no discount)
-      temperature=1.0,
-      top_p=1.0,
-      top_k=0,
-  ))
-
-
-_DEFAULTS = default_config()
-
-
-def _get(cfg, name):
-  """cfg.name, or the default: any attribute object with the required fields works."""
-  return getattr(cfg, name, _DEFAULTS[name])
-
-
 def validate_config(cfg) -> None:
-  lo, hi = int(_get(cfg, "min_attempts")), int(_get(cfg, "max_attempts"))
+  lo, hi = int(cfg.min_attempts), int(cfg.max_attempts)
   if not 1 <= lo <= hi:
     raise ValueError(f"episode: need 1 <= min_attempts <= max_attempts, got {lo}, {hi}.")
-  if _get(cfg, "attempt_end") not in rules.ATTEMPT_ENDS:
+  if cfg.attempt_end not in rules.ATTEMPT_ENDS:
     raise ValueError(f"episode.attempt_end must be one of {rules.ATTEMPT_ENDS}, "
-                     f"got {_get(cfg, 'attempt_end')!r}.")
+                     f"got {cfg.attempt_end!r}.")
   for name in ("chunk_tokens", "budget"):
-    if int(_get(cfg, name)) < 1:
-      raise ValueError(f"episode.{name} must be >= 1, got {_get(cfg, name)}.")
-  max_chunks = int(_get(cfg, "max_chunks"))
-  if max_chunks < 0 or (max_chunks and _get(cfg, "attempt_end") != "chunk"):
+    if int(cfg[name]) < 1:
+      raise ValueError(f"episode.{name} must be >= 1, got {cfg[name]}.")
+  max_chunks = int(cfg.max_chunks)
+  if max_chunks < 0 or (max_chunks and cfg.attempt_end != "chunk"):
     raise ValueError(f"episode.max_chunks={max_chunks}: must be >= 0, and > 0 only with "
                      "attempt_end='chunk'.")
 
@@ -96,7 +65,7 @@ def validate_config(cfg) -> None:
 def draw_num_attempts(rng: np.random.Generator, batch: int, cfg) -> np.ndarray:
   """N per question (or per episode), uniform on {min_attempts..max_attempts}."""
   validate_config(cfg)
-  return rng.integers(int(_get(cfg, "min_attempts")), int(_get(cfg, "max_attempts")) + 1,
+  return rng.integers(int(cfg.min_attempts), int(cfg.max_attempts) + 1,
                       size=batch).astype(np.int32)
 
 
@@ -113,8 +82,8 @@ def cache_length(prompt_len: int, max_attempts: int, feedback_len: int, cfg) -> 
   of dead columns per attempt boundary. Rounded up to a length bucket (few
   compiled shapes, at most 25% unused slots).
   """
-  need = (prompt_len + int(_get(cfg, "budget")) + 1
-          + (max_attempts - 1) * (feedback_len + int(_get(cfg, "chunk_tokens"))))
+  need = (prompt_len + int(cfg.budget) + 1
+          + (max_attempts - 1) * (feedback_len + int(cfg.chunk_tokens)))
   return bucket_length(need, 128, per_octave=LENGTH_BUCKETS_PER_OCTAVE)
 
 
@@ -185,7 +154,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     key: PRNG key of the sampler (and of N when `num_attempts` is None).
     grade_fn: (responses: list[str], answers: list) -> list[Grade]; called once
       per chunk, only for attempts with a complete box.
-    cfg: `default_config()` fields (any attribute object).
+    cfg: mars.config.multi_attempt_config(config): config.episode + the rollout's sampling.
     num_attempts: N per problem (len(problems)) or per episode
       (len(problems)·G), or one int (evaluation). None: drawn from `key`.
       Episodes of one problem that share N share one prefill.
@@ -222,7 +191,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
                      "one.")
   cache_len = cache_length(tokens.shape[1], A, feedback_len, cfg)
   state = sampler.start(params, tokens, mask, key=key, n=G if shared else 1,
-                        max_new_tokens=int(_get(cfg, "budget")), cache_len=cache_len,
+                        max_new_tokens=int(cfg.budget), cache_len=cache_len,
                         sampling=SamplingParams.from_config(cfg))
   episodes = [rules.new_episode(n) for n in n_rows]
   answers = [problems[r // G]["answer"] for r in range(len(n_rows))]
@@ -253,18 +222,18 @@ def _attempts_per_row(num_attempts, num_problems, G, single_turn, key, cfg) -> l
 def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *, prompt_len,
           cache_len):
   """Chunk loop: run -> check -> grade -> rewind / force / finish, until every episode ends."""
-  view = _Transcript(len(episodes), cache_len, prompt_len, int(_get(cfg, "chunk_tokens")))
+  view = _Transcript(len(episodes), cache_len, prompt_len, int(cfg.chunk_tokens))
   decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   stop_ids = frozenset(int(t) for t in sampler.stop_ids)
   feedback_ids = functools.lru_cache(None)(lambda text: list(tokenizer.encode(text)))
-  sampling, budget = SamplingParams.from_config(cfg), int(_get(cfg, "budget"))
-  chunk, max_chunks = int(_get(cfg, "chunk_tokens")), int(_get(cfg, "max_chunks"))
+  sampling, budget = SamplingParams.from_config(cfg), int(cfg.budget)
+  chunk, max_chunks = int(cfg.chunk_tokens), int(cfg.max_chunks)
   while distributed.any_process(not all(ep.done for ep in episodes)):
     state = sampler.run(params, state, chunk, sampling)
     done = view.pull(state)
     spans = [view.attempt(b) if not ep.done else ([], []) for b, ep in enumerate(episodes)]
     ends = rules.check_chunk(episodes, [t for t, _ in spans], done, decode=decode,
-                             attempt_end=_get(cfg, "attempt_end"), stop_ids=stop_ids,
+                             attempt_end=cfg.attempt_end, stop_ids=stop_ids,
                              im_end_id=tokenizer.im_end_id, chunk_tokens=chunk,
                              max_chunks=max_chunks)
     statuses = _grade(ends, answers, grade_fn)
@@ -323,7 +292,7 @@ def _result(out, episodes, problems, G, tokenizer, cfg) -> EpisodeResult:
         extracted=answered[-1] if answered else None, reward=row.reward,
         model_tokens=int(row.is_model.sum()), response=tokenizer.decode(row.response),
         off_policy=False))
-  max_k = max([int(_get(cfg, "max_attempts"))] + [ep.num_attempts for ep in episodes])
+  max_k = max([int(cfg.max_attempts)] + [ep.num_attempts for ep in episodes])
   return EpisodeResult(rows=rows, meta=meta, pad_id=tokenizer.pad_id,
                        metrics=episode_metrics(episodes, rows, max_k))
 

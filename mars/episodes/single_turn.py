@@ -10,8 +10,6 @@ is binary: `reward_correct` for a correct answer, `reward_wrong` otherwise
 """
 from typing import Callable, Optional, Sequence
 
-import ml_collections
-import numpy as np
 
 from mars import distributed
 from mars import prompts
@@ -19,18 +17,6 @@ from mars.episodes.packing import EpisodeResult, rows_from_output
 from mars.host_metrics import Metrics
 from mars.sampling import SamplingParams
 from mars.tokenizer import bucket_length, left_pad
-
-
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      group_size=8,          # G rollouts per question (one prefill, n=G)
-      max_new_tokens=1024,   # response budget; hitting it marks the row truncated
-      temperature=1.0,
-      top_p=1.0,
-      top_k=0,
-      reward_correct=1.0,
-      reward_wrong=0.0, truncated_is_failure=True,
-  ))
 
 
 def response_text(tokenizer, response_ids) -> str:

@@ -4,6 +4,7 @@
     logits = mars.models.forward(cfg, params, tokens, attention_mask)
     mars.models.save_hf(cfg, params, out_dir)
 """
+from mars import sharding
 from mars.models.config import (ModelConfig, UnsupportedConfigError, from_hf_dict, load_config,
                                 tiny_config, to_hf_config, to_hf_dict)
 from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir, save_hf
@@ -14,7 +15,6 @@ from mars.models.qwen import (KVCache, cache_axes, cast_params, decode_step, ext
 
 def param_shardings(cfg, mesh):
   """NamedSharding for every parameter, from the logical rules."""
-  from mars import sharding
   sharding.check_heads(cfg.num_heads, mesh)
   return sharding.tree_shardings(mesh, param_axes(cfg), param_shapes(cfg))
 

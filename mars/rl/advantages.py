@@ -12,7 +12,7 @@ Papers:
            `attempt_rloo` takes it per attempt of a multi-attempt episode (mars).
   DAPO     Yu et al. 2025, eq. 11 (dynamic sampling), eq. 13 (overlong reward shaping).
 """
-from typing import Any, Optional
+
 
 import jax
 import jax.numpy as jnp

@@ -153,13 +153,12 @@ def mismatch_metrics(trainer_logp, sampler_logp, mask, is_off_policy, masked=Non
 
 
 def options(rl_cfg) -> dict:
-  """The correction options of an rl config (dict or ConfigDict) as plain values."""
-  get = lambda k, d: d if rl_cfg.get(k, None) is None else rl_cfg.get(k)
-  return dict(method=str(get("rollout_correction", "none")),
-              level=str(get("rollout_correction_level", "token")),
-              seq_ratio=str(get("rollout_seq_ratio", "geometric")),
-              tis_cap=float(get("tis_cap", 2.0)),
-              mis_lo=float(get("mis_lo", 0.5)), mis_hi=float(get("mis_hi", 2.0)),
-              icepop_alpha=float(get("icepop_alpha", 0.5)),
-              icepop_beta=float(get("icepop_beta", 5.0)))
+  """The correction options of an rl config (dict or ConfigDict, every field required)."""
+  return dict(method=str(rl_cfg["rollout_correction"]),
+              level=str(rl_cfg["rollout_correction_level"]),
+              seq_ratio=str(rl_cfg["rollout_seq_ratio"]),
+              tis_cap=float(rl_cfg["tis_cap"]),
+              mis_lo=float(rl_cfg["mis_lo"]), mis_hi=float(rl_cfg["mis_hi"]),
+              icepop_alpha=float(rl_cfg["icepop_alpha"]),
+              icepop_beta=float(rl_cfg["icepop_beta"]))
 

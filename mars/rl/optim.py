@@ -1,16 +1,18 @@
 """AdamW with warmup + cosine-to-min-lr and global-norm clipping, from config.
 
-Config keys (ml_collections.ConfigDict or dict; defaults in brackets):
-  lr [1e-6]             peak learning rate.
-  min_lr_ratio [0.0]    end lr as a fraction of lr; `min_lr` (absolute) wins if set.
-  warmup_steps [0]      linear warmup from 0 to lr.
-  delay_steps [0]       lr 0 for this many updates before the warmup: a PPO
+opt_cfg: an optimizer section of the config (actor_optim / critic_optim, as a dict or
+ConfigDict), every field required; the defaults are mars.config's, none here:
+  lr                    peak learning rate.
+  min_lr_ratio          end lr of the cosine as a fraction of lr.
+  warmup_steps          linear warmup from 0 to lr.
+  delay_steps           lr 0 for this many updates before the warmup: a PPO
                         actor waits while a fresh critic learns its values
                         (verl's critic_warmup); Adam's moments still fill.
-  total_steps [None]    length of warmup + cosine decay (required for "cosine").
-  schedule ["constant"] "constant" (after warmup) or "cosine".
-  b1 [0.9], b2 [0.999], eps [1e-8], weight_decay [0.0].
-  grad_clip [1.0]       global-norm clip; 0 / None disables it.
+  total_steps           length of warmup + cosine decay (> warmup_steps for "cosine";
+                        the trainer derives it from the run when the config has 0).
+  schedule              "constant" (after warmup) or "cosine".
+  b1, b2, eps, weight_decay   AdamW's.
+  grad_clip             global-norm clip; 0 disables it.
 
 Weight decay skips norms and biases (the usual LLM recipe: decaying a norm
 scale towards 0 is not regularisation, it is damage).
@@ -21,39 +23,32 @@ import jax
 import optax
 
 
-def _get(cfg, key, default=None):
-  value = cfg.get(key, default) if cfg is not None else default
-  return default if value is None else value
-
-
 def make_schedule(opt_cfg) -> optax.Schedule:
-  delay = int(_get(opt_cfg, "delay_steps", 0))
+  delay = int(opt_cfg["delay_steps"])
   if delay <= 0:
     return _schedule(opt_cfg)
   rest = dict(opt_cfg)
-  if _get(opt_cfg, "total_steps") is not None:  # the cosine still ends at total_steps
+  if opt_cfg["total_steps"]:  # the cosine still ends at total_steps
     rest["total_steps"] = int(opt_cfg["total_steps"]) - delay
   schedule = _schedule(rest)
   return optax.join_schedules([optax.constant_schedule(0.0), schedule], [delay])
 
 
 def _schedule(opt_cfg) -> optax.Schedule:
-  lr = float(_get(opt_cfg, "lr", 1e-6))
-  warmup = int(_get(opt_cfg, "warmup_steps", 0))
-  kind = _get(opt_cfg, "schedule", "constant")
+  lr = float(opt_cfg["lr"])
+  warmup = int(opt_cfg["warmup_steps"])
+  kind = opt_cfg["schedule"]
   if kind == "constant":
     if warmup == 0:
       return optax.constant_schedule(lr)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
   if kind == "cosine":
-    total = _get(opt_cfg, "total_steps")
-    if total is None or int(total) <= warmup:
+    total = opt_cfg["total_steps"]
+    if not total or int(total) <= warmup:
       raise ValueError(f"cosine schedule needs total_steps > warmup_steps ({warmup}), "
                        f"got total_steps={total}.")
-    min_lr = _get(opt_cfg, "min_lr")
-    if min_lr is None:
-      min_lr = lr * float(_get(opt_cfg, "min_lr_ratio", 0.0))
+    min_lr = lr * float(opt_cfg["min_lr_ratio"])
     # optax's decay_steps counts the warmup too: cosine ends exactly at total_steps.
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, int(total), float(min_lr))
   raise ValueError(f"unknown schedule {kind!r}; expected 'constant' or 'cosine'.")
@@ -68,12 +63,12 @@ def decay_mask(params: Any):
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
-  clip = _get(opt_cfg, "grad_clip", 1.0)
+  clip = opt_cfg["grad_clip"]
   adamw = optax.adamw(
       make_schedule(opt_cfg),
-      b1=float(_get(opt_cfg, "b1", 0.9)), b2=float(_get(opt_cfg, "b2", 0.999)),
-      eps=float(_get(opt_cfg, "eps", 1e-8)),
-      weight_decay=float(_get(opt_cfg, "weight_decay", 0.0)), mask=decay_mask)
+      b1=float(opt_cfg["b1"]), b2=float(opt_cfg["b2"]),
+      eps=float(opt_cfg["eps"]),
+      weight_decay=float(opt_cfg["weight_decay"]), mask=decay_mask)
   if not clip:
     return adamw
   return optax.chain(optax.clip_by_global_norm(float(clip)), adamw)

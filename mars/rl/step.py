@@ -13,25 +13,26 @@ by the *minibatch* count of tokens (or sequences), so accumulation gives the
 same update as one big batch. Micro-batches take every n-th row (strided), so
 that each one still spans all data×fsdp shards.
 
-rl_cfg fields (ml_collections.ConfigDict or dict; defaults in brackets):
-  eps_low [0.2], eps_high [0.2]   clip range of the on-policy ratio (clip-higher).
-  dual_clip_c [None]              dual-clip constant c > 1 for negative advantages.
-  offpolicy_gamma [0.1]           γ of f(r) = r/(r+γ) on `is_off_policy` rows.
-  offpolicy_behaviour_one [False] LUFFY: behaviour probability taken as 1.
-  agg_mode ["token-mean"]         token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.
-  max_len_norm [None]             Dr.GRPO constant (None: the padded length T).
-  kl_coef [0.0], kl_kind ["k3"]   KL(π‖π_ref) loss term (uses batch.ref_logp).
-  entropy_coef [0.0]              entropy bonus (subtracted from the loss).
-  value_clip [0.2]                critic value clip ε around batch.values (None: no clip).
-  vf_coef [1.0]                   scale of the critic loss (the critic has its own optimizer).
-  micro_batch_size [None]         rows per micro-batch (None: the whole minibatch).
-  loss ["ppo"]                    on-policy surrogate: ppo | gspo | gspo_token | cispo
-                                  (losses.LOSS_TYPES), gspo_eps_* / cispo_eps_* their clips.
-  rollout_correction ["none"]     none | tis | mis | icepop (mars.rl.correction), on
-                                  ρ = exp(old_logp − sampler_logp); rollout_correction_level,
-                                  rollout_seq_ratio, tis_cap, mis_lo/hi, icepop_alpha/beta.
-  recompute_old_logp [False]      True: old_logp is the trainer's, so the sampler/trainer
-                                  mismatch (rollout_corr/*) is logged every update.
+rl_cfg: config.rl's fields (ml_collections.ConfigDict or dict), every one required; the
+defaults are mars.config.default_config().rl's, and this function has none of its own:
+  eps_low, eps_high         clip range of the on-policy ratio (clip-higher).
+  dual_clip_c               dual-clip constant c > 1 for negative advantages.
+  offpolicy_gamma           γ of f(r) = r/(r+γ) on `is_off_policy` rows.
+  offpolicy_behaviour_one   LUFFY: behaviour probability taken as 1.
+  agg_mode                  token-mean | seq-mean-token-mean | seq-mean-token-sum-norm.
+  max_len_norm              Dr.GRPO constant (None: the padded length T).
+  kl_coef, kl_kind          KL(π‖π_ref) loss term (uses batch.ref_logp).
+  entropy_coef              entropy bonus (subtracted from the loss).
+  value_clip                critic value clip ε around batch.values (None: no clip).
+  vf_coef                   scale of the critic loss (the critic has its own optimizer).
+  micro_batch_size          rows per micro-batch (None: the whole minibatch).
+  loss                      on-policy surrogate: ppo | gspo | gspo_token | cispo
+                            (losses.LOSS_TYPES), gspo_eps_* / cispo_eps_* their clips.
+  rollout_correction        none | tis | mis | icepop (mars.rl.correction), on
+                            ρ = exp(old_logp − sampler_logp); rollout_correction_level,
+                            rollout_seq_ratio, tis_cap, mis_lo/hi, icepop_alpha/beta.
+  recompute_old_logp        True: old_logp is the trainer's, so the sampler/trainer
+                            mismatch (rollout_corr/*) is logged every update.
 
 Feedback tokens (`transparent_mask`) are out of every loss: the contract keeps
 them outside `loss_mask`, and the step also masks them out (`loss_mask &
@@ -189,38 +190,33 @@ def compute_values(cfg: ModelConfig, critic_params: Params, batch: RolloutBatch,
 # ----------------------------------------------------------------------------
 # Losses of one micro-batch.
 
-def _get(cfg, key, default=None):
-  value = cfg.get(key, default)
-  return default if value is None else value
-
-
 def _loss_options(rl_cfg) -> dict:
-  """rl_cfg read once into plain Python values (closed over, never traced)."""
-  dual = rl_cfg.get("dual_clip_c", None)
-  max_len_norm = rl_cfg.get("max_len_norm", None)
-  value_clip = rl_cfg.get("value_clip", 0.2)
+  """rl_cfg (config.rl's fields, every one required) read once into plain Python values
+  (closed over, never traced)."""
+  dual, max_len_norm, value_clip = (rl_cfg["dual_clip_c"], rl_cfg["max_len_norm"],
+                                    rl_cfg["value_clip"])
   return dict(
-      eps_low=float(_get(rl_cfg, "eps_low", 0.2)),
-      eps_high=float(_get(rl_cfg, "eps_high", 0.2)),
+      eps_low=float(rl_cfg["eps_low"]),
+      eps_high=float(rl_cfg["eps_high"]),
       dual_clip_c=None if dual is None else float(dual),
-      offpolicy_gamma=float(_get(rl_cfg, "offpolicy_gamma", 0.1)),
-      offpolicy_behaviour_one=bool(_get(rl_cfg, "offpolicy_behaviour_one", False)),
-      agg_mode=str(_get(rl_cfg, "agg_mode", "token-mean")),
+      offpolicy_gamma=float(rl_cfg["offpolicy_gamma"]),
+      offpolicy_behaviour_one=bool(rl_cfg["offpolicy_behaviour_one"]),
+      agg_mode=str(rl_cfg["agg_mode"]),
       max_len_norm=None if max_len_norm is None else float(max_len_norm),
-      kl_coef=float(_get(rl_cfg, "kl_coef", 0.0)),
-      kl_kind=str(_get(rl_cfg, "kl_kind", "k3")),
-      entropy_coef=float(_get(rl_cfg, "entropy_coef", 0.0)),
+      kl_coef=float(rl_cfg["kl_coef"]),
+      kl_kind=str(rl_cfg["kl_kind"]),
+      entropy_coef=float(rl_cfg["entropy_coef"]),
       value_clip=None if value_clip is None else float(value_clip),
-      vf_coef=float(_get(rl_cfg, "vf_coef", 1.0)),
-      micro_batch_size=rl_cfg.get("micro_batch_size", None),
-      loss_type=str(_get(rl_cfg, "loss", "ppo")),
-      gspo_eps_low=float(_get(rl_cfg, "gspo_eps_low", 3e-4)),
-      gspo_eps_high=float(_get(rl_cfg, "gspo_eps_high", 4e-4)),
-      cispo_eps_low=float(_get(rl_cfg, "cispo_eps_low", 1.0)),
-      cispo_eps_high=float(_get(rl_cfg, "cispo_eps_high", 5.0)),
+      vf_coef=float(rl_cfg["vf_coef"]),
+      micro_batch_size=rl_cfg["micro_batch_size"] or None,
+      loss_type=str(rl_cfg["loss"]),
+      gspo_eps_low=float(rl_cfg["gspo_eps_low"]),
+      gspo_eps_high=float(rl_cfg["gspo_eps_high"]),
+      cispo_eps_low=float(rl_cfg["cispo_eps_low"]),
+      cispo_eps_high=float(rl_cfg["cispo_eps_high"]),
       correction=correction.options(rl_cfg),
       # ρ ≡ 1 by construction when old_logp is the sampler's: nothing to log.
-      rollout_metrics=bool(_get(rl_cfg, "recompute_old_logp", False)))
+      rollout_metrics=bool(rl_cfg["recompute_old_logp"]))
 
 
 def _rollout_weights(opts: dict, batch: RolloutBatch, mask):

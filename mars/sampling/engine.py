@@ -21,6 +21,7 @@ import numpy as np
 
 from mars import distributed
 from mars import sharding
+from mars import models
 from mars.models import qwen
 from mars.models.config import ModelConfig
 from mars.sampling.select import SamplingParams, select_tokens
@@ -221,7 +222,6 @@ class Sampler:
     self._param_shardings = None
     self._state_sharding_cache = {}
     if mesh is not None:
-      from mars import models
       self._param_shardings = models.param_shardings(cfg, mesh)
 
   @property

@@ -10,9 +10,12 @@ Two protocols, the two papers' headline numbers:
             attempts (seed 1's Figures 1 and 5).
 """
 import dataclasses
+import logging
 import math
 import os
+import sys
 import time
+import zlib
 from typing import Callable, Optional
 
 import jax
@@ -100,8 +103,8 @@ def run_passk(name, problems, cfg, policy: Policy, key, samples: list, progress)
 
 
 def episode_config(cfg, num_samples: int) -> ml_collections.ConfigDict:
-  """Multi-attempt episode settings: the episode code's defaults + this eval's knobs."""
-  ep = ml_collections.ConfigDict(mars_config.default_config().episode.to_dict())
+  """Multi-attempt episode settings: the defaults + this eval's knobs."""
+  ep = mars_config.multi_attempt_config(mars_config.default_config())
   ep.budget, ep.chunk_tokens, ep.attempt_end = cfg.budget, cfg.chunk_tokens, cfg.attempt_end
   ep.group_size = num_samples
   if cfg.greedy:  # top-p/top-k would not change the argmax, but cost a vocab sort per token
@@ -180,7 +183,7 @@ def evaluate_for_trainer(run, step: int) -> dict:
                   grade_fn=run.grade_fn,
                   # Per process: in a multi-host run every process evaluates the
                   # whole set as its own rows (redundant, not yet split).
-                  pad_multiple=max(1, sharding.mesh_axis_size(run.mesh, ("data", "fsdp"))
+                  pad_multiple=max(1, sharding.batch_shards(run.mesh)
                                    // jax.process_count()))
   key = jax.random.fold_in(jax.random.key(cfg.seed), step)
   per_benchmark, average, samples = evaluate(cfg, policy, names, key, show_progress=False)
@@ -220,7 +223,7 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
                              mesh=mesh, queue_len=run_state.SAMPLER_QUEUE_LEN)
   # A run's checkpoint holds fp32 masters: sample from one compute-dtype copy.
   policy = Policy(sampler, sampler.rollout_params(params), tokenizer, grade_fn,
-                  pad_multiple=sharding.mesh_axis_size(mesh, ("data", "fsdp")))
+                  pad_multiple=sharding.batch_shards(mesh))
   t0 = time.perf_counter()
   try:
     per_benchmark, average, samples = evaluate(cfg, policy, names, jax.random.key(cfg.seed))

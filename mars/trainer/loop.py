@@ -40,7 +40,7 @@ def train(config, workdir: str, grade_fn: Optional[Callable] = None,
     end = config.train.steps if max_steps is None else min(config.train.steps,
                                                             run.start_step + max_steps)
     if config.train.eval_before and run.start_step == 0:
-      run.writer.write_eval(0, evaluation.evaluate_for_trainer(run, 0))
+      run.writer.write(0, evaluation.evaluate_for_trainer(run, 0))  # before RL: the summary's baseline
     if config.rollout.staleness:  # one-step-off-policy rollouts
       last = async_loop.train_loop(run, adv_fn, end, maybe_eval=maybe_eval,
                                    is_checkpoint_step=is_checkpoint_step)

@@ -7,6 +7,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mars import config as mars_config
 from mars import distributed, host_metrics, sharding
 from mars.episodes import lte, multi_attempt, packing, single_turn
 from mars.rl import advantages
@@ -23,7 +24,7 @@ def rollout(run: Run, problems, key, params):
                     rescore_fn=(functools.partial(rescore_responses, run)
                                 if c.rl.recompute_old_logp else None))
   if c.episode.kind == "multi_attempt":
-    cfg = episode_cfg(c)
+    cfg = mars_config.multi_attempt_config(c)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
     # N is drawn per question (as in the paper), so a group shares one prefill.
     # Drawn for the global batch, then this process's questions: the same N
@@ -62,7 +63,7 @@ def rescore_responses(run: Run, rows) -> list:
     return []
   processes = run.pipeline.process_count
   shard = max(c.rl.micro_batch_size or 1,
-              sharding.mesh_axis_size(run.mesh, sharding.LOGICAL_RULES["batch"]))
+              sharding.batch_shards(run.mesh))
   shard = -(-shard // processes)  # rows per process in one micro-batch (or mesh shard)
   padded = -(-n_local // shard) * shard
   filler = packing.Row(prompt=[run.tokenizer.pad_id], response=[run.tokenizer.pad_id],
@@ -90,17 +91,9 @@ def lte_cfg(run: Run, episode: str):
   batches are padded to the data-parallel size so they divide the mesh."""
   cfg = ml_collections.ConfigDict(run.config.lte.to_dict())
   cfg.episode = episode
-  rows_axis = sharding.mesh_axis_size(run.mesh, sharding.LOGICAL_RULES["batch"])
+  rows_axis = sharding.batch_shards(run.mesh)
   cfg.hinted_min_prompts = max(cfg.hinted_min_prompts,
                                rows_axis // run.pipeline.process_count)  # per process
-  return cfg
-
-
-def episode_cfg(c):
-  """Multi-attempt episode settings: config.episode plus the sampling knobs."""
-  cfg = ml_collections.ConfigDict(c.episode.to_dict())
-  for k in ("temperature", "top_p", "top_k", "group_size"):
-    cfg[k] = c.rollout[k]
   return cfg
 
 

@@ -103,7 +103,7 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
   version: the policy version (train step) whose params sampled `result`
     (None: this step's, the synchronous loop); recorded in batch.policy_version.
   before_update: called after the batch is prepared and before the update
-    consumes the params (mars.async_rollout samples the next step there);
+    consumes the params (mars.trainer.async_loop samples the next step there);
     its time is reported as time/rollout_s in place of `rollout_s`.
   """
   c = run.config
