@@ -3,13 +3,8 @@ r"""Evaluation: python -m mars.evaluate --config=configs/eval_math.py --checkpoi
     python -m mars.evaluate --config=configs/eval_math.py --checkpoint=runs/ma_1p5b --out=eval/ma \
         [--config.benchmarks=math500,aime24] [--config.mode=attempts|passk] [--compare=eval/st ...]
 
-Two protocols, the two papers' headline numbers:
-  passk     n samples per problem at temperature T; Pass@1 = mean correctness,
-            Pass@k = the unbiased estimator 1 - C(n-c, k) / C(n, k) (seed 2's tables).
-  attempts  for k = 1..K, every problem runs as a multi-attempt episode with
-            exactly k attempts and ground-truth feedback (the episode code of
-            mars.episodes.multi_attempt, not a copy); Acc@k = solved within k
-            attempts (seed 1's Figures 1 and 5).
+Modes: passk (Pass@k of n samples) and attempts (Acc@k with k = 1..K attempts and
+feedback); mars/trainer/evaluation.py defines both.
 
 --checkpoint is a mars run workdir (its latest orbax step, or --step) or an HF
 model directory (config.json + safetensors), so base models evaluate too.

@@ -30,10 +30,13 @@ def _train(workdir, *extra, wait=True):
   return proc
 
 
-def _metrics(workdir):
+def _metrics(workdir, with_eval_before=False):
+  """metrics.jsonl's training steps; with_eval_before: also the step-0 row, the demo's
+  held-out eval before RL (train.eval_before)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
-  return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+  return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows
+          if with_eval_before or r["step"] > 0]
 
 
 def _final_params(workdir):
@@ -64,6 +67,11 @@ def test_sigkill_and_resume_is_exact(straight_run, tmp_path):
   _train(workdir)  # same workdir: resumes from the newest readable checkpoint
   straight, resumed = _metrics(straight_run), _metrics(workdir)
   assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+  # The eval before RL (step 0) survives the kill, and so do the evals it matches.
+  before = _metrics(workdir, with_eval_before=True)[0]
+  assert before["step"] == 0 and before == _metrics(straight_run, with_eval_before=True)[0]
+  assert any(k.startswith("eval/") for k in before)
+  assert any(k.startswith("eval/") for k in resumed[-1])
   assert resumed == straight
   step_a, params_a = _final_params(straight_run)
   step_b, params_b = _final_params(workdir)
