@@ -213,17 +213,18 @@ def test_logprob_recompute_matches_token_logprobs(params, batch):
 
 
 def test_schedule_warmup_cosine():
-  sched = optim.make_schedule({"lr": 1.0, "warmup_steps": 10, "total_steps": 110,
-                               "schedule": "cosine", "min_lr_ratio": 0.1})
+  sched = optim.make_schedule(mars_config.optimizer_config(
+      lr=1.0, warmup_steps=10, total_steps=110, schedule="cosine", min_lr_ratio=0.1))
   np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110)],
                              [0.0, 0.5, 1.0, 0.55, 0.1], atol=1e-6)
   # delay: lr 0 first (the PPO actor waits for the critic), then the same
   # warmup + cosine, still ending at total_steps.
-  delayed = optim.make_schedule({"lr": 1.0, "warmup_steps": 10, "total_steps": 110,
-                                 "delay_steps": 20, "schedule": "cosine", "min_lr_ratio": 0.1})
+  delayed = optim.make_schedule(mars_config.optimizer_config(
+      lr=1.0, warmup_steps=10, total_steps=110, delay_steps=20, schedule="cosine",
+      min_lr_ratio=0.1))
   np.testing.assert_allclose([delayed(0), delayed(19), delayed(25), delayed(30), delayed(110)],
                              [0.0, 0.0, 0.5, 1.0, 0.1], atol=1e-6)
-  const = optim.make_schedule({"lr": 2.0})
+  const = optim.make_schedule(mars_config.optimizer_config(lr=2.0))
   assert float(const(0)) == float(const(1000)) == 2.0
   mask = optim.decay_mask({"embed": 0, "layers": {"q": 0, "q_bias": 0, "input_norm": 0}})
   assert mask == {"embed": True, "layers": {"q": True, "q_bias": False, "input_norm": False}}
