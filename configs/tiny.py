@@ -95,10 +95,10 @@ def get_config():
   c.actor_optim.grad_clip = 0.5
   c.actor_optim.schedule = "cosine"  # to 0.1× over the run (min_lr_ratio)
   c.rl.recompute_old_logp = False
-  c.sft.steps = 300
+  c.sft.steps = 200
   c.sft.batch_size = 16
   c.sft.lr = 3e-3
-  c.train.steps = 140
+  c.train.steps = 80
   c.train.ckpt_every = 10
   c.train.keep = 2
   c.train.grader_workers = 2

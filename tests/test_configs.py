@@ -6,11 +6,13 @@ state from jax.eval_shape, the layout from the logical sharding rules.
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from mars import config as mars_config
 from mars import models, sharding
 from mars.trainer import loop, policy, rollout_phase, run_state
+from mars.batch import empty_batch
 from mars.rl import optim, step as step_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -111,3 +113,36 @@ def test_shortened_cosine_run_shortens_its_warmup():
   c.actor_optim.total_steps = 4
   with pytest.raises(ValueError, match="total_steps > warmup_steps"):
     optim.make_schedule(run_state.optim_config(c.actor_optim, c))
+
+
+@pytest.mark.parametrize("name,param_dtype", [("multi_attempt_1p5b", None), ("grpo_4b", None),
+                                              ("lte_8b", None), ("grpo_4b", "bfloat16")])
+def test_update_step_returns_the_state_it_was_given(name, param_dtype, shared_dir):
+  """The jitted update's output state has its input's tree, shapes and dtypes (traced
+  with jax.eval_shape, no weights): a state that changed dtype after the first step
+  (bf16 params with f32 Adam moments) compiled the step twice and defeated donation."""
+  c = load(name)
+  if param_dtype:  # bf16 storage (model.allow_low_precision_params): the fault, kept visible
+    c.model.dtype = param_dtype
+  model_dir = shared_dir / "models" / MODEL_DIRS[c.model.path]
+  model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype,
+                                 dtype=c.model.compute_dtype, remat=c.model.remat)
+  mesh = sharding.make_mesh((1, 4, 2))
+  policy_opt, critic_opt = run_state.make_optimizers(c)
+  shardings = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  state = jax.eval_shape(lambda: run_state.abstract_train_state(model_cfg, policy_opt, critic_opt))
+  rows, length = 8, 64
+  batch = jax.eval_shape(lambda: empty_batch(rows, length, jnp))
+  adv = jax.ShapeDtypeStruct((rows, length), jnp.float32)
+  train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt,
+                                        critic_opt, mesh, shardings)
+  out, _ = jax.eval_shape(train_step, state, batch, adv, adv)
+  assert jax.tree.structure(out) == jax.tree.structure(state)
+  changed = [(jax.tree_util.keystr(path), (a.shape, a.dtype), (b.shape, b.dtype))
+             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state),
+                                     jax.tree.leaves(out))
+             if (a.shape, a.dtype) != (b.shape, b.dtype)]
+  if param_dtype == "bfloat16":  # optax keeps Adam's mu in f32 for bf16 params
+    assert any(path.endswith(".mu']") or ".mu" in path for path, _, _ in changed), changed[:5]
+  else:
+    assert not changed, changed[:5]
