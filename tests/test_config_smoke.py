@@ -137,16 +137,20 @@ W = _load_worker()
 
 
 class Smoke:
-  """Session state: temp TFDS dir, the JAX compilation cache shared by the
-  workers, and the tokenizer / tiny model directories, each built once."""
+  """Session state: temp TFDS dir, the JAX compilation cache, the tokenizer /
+  tiny model directories (each built once) and the one worker process that
+  runs the configs in turn (started on first use, restarted if it dies)."""
 
   def __init__(self, root: pathlib.Path, shared: pathlib.Path):
     self.root, self.shared = root, shared
     self.tfds = root / "tfds"
-    # The workers' JAX compilation cache: a program compiled by one worker (the same
-    # model's sampler, logprob or train step at one shape) is reused by the next.
+    # The JAX compilation cache: a program the worker compiled for one config (the
+    # same model's sampler, logprob or train step at one shape) is reused by the next,
+    # in memory, and from this directory if the worker had to be restarted.
     self.cache = root / "jax_cache"
-    self._tokenizers, self._models = {}, {}
+    self.log = root / "worker.log"
+    self._tokenizers, self._warm, self._models = {}, {}, {}
+    self._worker = None
 
   def tokenizer_dir(self, model_path: str) -> str:
     _, tok = W.REAL_MODELS[model_path]
@@ -156,17 +160,68 @@ class Smoke:
     return self._tokenizers[tok]
 
   def model(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
-    key = (model_path, seed, dtype, data_name)
+    """The warm-started tiny model saved in `dtype`. The warm start (fp32, torch)
+    runs once per (model, seed, data): eval_math's bf16 Qwen3-4B-shaped checkpoint
+    is the 4B configs' warm-started model saved in bf16."""
+    warm_key, key = (model_path, seed, data_name), (model_path, seed, dtype, data_name)
     if key not in self._models:
+      t0 = time.perf_counter()
+      if warm_key not in self._warm:
+        self._warm[warm_key] = W.warm_tiny_model(
+            model_path, seed, shared_dir=str(self.shared),
+            tokenizer_dir=self.tokenizer_dir(model_path), data_name=data_name,
+            data_dir=str(self.tfds))
+      torch_model, info = self._warm[warm_key]
       name = "_".join([W.REAL_MODELS[model_path][0], str(seed), dtype])
-      self._models[key] = W.build_tiny_model(
-          model_path, seed, dtype, str(self.root / f"model_{name}"), shared_dir=str(self.shared),
-          tokenizer_dir=self.tokenizer_dir(model_path), data_name=data_name,
-          data_dir=str(self.tfds))
+      out = W.save_tiny_model(torch_model, dtype, str(self.root / f"model_{name}"),
+                              self.tokenizer_dir(model_path))
+      self._models[key] = dict(info, dir=out, build_s=time.perf_counter() - t0)
     return self._models[key]
 
+  def _worker_env(self) -> dict:
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_PLATFORMS="cpu", MARS_TFDS_DIR=str(self.tfds),
+                MARS_DATA_DIR=str(self.shared / "data"), PYTHONUNBUFFERED="1")
+
+  def _log_since(self, offset: int) -> str:
+    with open(self.log, "rb") as f:
+      f.seek(offset)
+      return f.read().decode(errors="replace")[-8000:]
+
+  def _submit(self, name: str, spec_path: pathlib.Path, report: pathlib.Path):
+    """Hands a spec to the worker (starting it if needed) and waits for its report."""
+    if self._worker is None or self._worker.poll() is not None:
+      log = open(self.log, "ab")  # pylint: disable=consider-using-with
+      self._worker = subprocess.Popen(
+          [sys.executable, str(REPO / "tests" / "config_smoke_run.py"), "--serve"],
+          cwd=str(REPO), env=self._worker_env(), stdin=subprocess.PIPE, stdout=log,
+          stderr=subprocess.STDOUT, text=True)
+      log.close()
+    offset = self.log.stat().st_size if self.log.exists() else 0
+    self._worker.stdin.write(f"{spec_path}\n")
+    self._worker.stdin.flush()
+    deadline = time.monotonic() + 1800
+    while not report.exists():
+      if self._worker.poll() is not None:
+        rc, self._worker = self._worker.returncode, None
+        pytest.fail(f"worker died (exit {rc}) running {name}:\n{self._log_since(offset)}")
+      if time.monotonic() > deadline:
+        self.close()
+        pytest.fail(f"worker timed out running {name}:\n{self._log_since(offset)}")
+      time.sleep(0.1)
+
+  def close(self):
+    if self._worker is not None:
+      self._worker.stdin.close()
+      try:
+        self._worker.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self._worker.kill()
+        self._worker.wait()
+      self._worker = None
+
   def run(self, name: str, workdir: pathlib.Path) -> tuple:
-    """Runs the worker for configs/<name>.py -> (report, spec)."""
+    """Runs configs/<name>.py in the worker -> (report, spec)."""
     from mars import config as mars_config
     spec = {"config": name, "workdir": str(workdir), "tfds_dir": str(self.tfds),
             "compile_cache": str(self.cache), "report": str(workdir / "report.json")}
@@ -185,15 +240,7 @@ class Smoke:
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", MARS_TFDS_DIR=str(self.tfds),
-               MARS_DATA_DIR=str(self.shared / "data"), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "config_smoke_run.py"),
-                           str(spec_path)], cwd=str(REPO), env=env, capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode or not (workdir / "report.json").exists():
-      pytest.fail(f"worker for {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                  f"{proc.stderr[-5000:]}")
+    self._submit(name, spec_path, workdir / "report.json")
     report = json.loads((workdir / "report.json").read_text())
     report["times"]["model_build_s"] = build_s
     return report, spec
@@ -201,7 +248,9 @@ class Smoke:
 
 @pytest.fixture(scope="module")
 def smoke(shared_dir, tmp_path_factory):
-  return Smoke(tmp_path_factory.mktemp("config_smoke"), shared_dir)
+  s = Smoke(tmp_path_factory.mktemp("config_smoke"), shared_dir)
+  yield s
+  s.close()
 
 
 def _metrics(workdir: pathlib.Path) -> list:
@@ -240,7 +289,9 @@ def _eval_failures(label: str, numbers: dict, benchmarks: str) -> list:
 
 def _summary(name: str, report: dict) -> str:
   times = ", ".join(f"{k}={v:.0f}s" for k, v in report["times"].items())
-  return f"[{name}] {times}\n  shrunk: {report.get('shrunk')}"
+  jit = ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.0f}s"
+                  for k, v in sorted(report.get("jax_compile_s", {}).items()) if v >= 0.5)
+  return f"[{name}] {times}\n  jax: {jit}\n  shrunk: {report.get('shrunk')}"
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
