@@ -26,6 +26,7 @@ move, however correct the trainer. The warm start makes the model answer
 will draw (about 1 in 4 correct), so groups are mixed, as with a real
 pretrained model.
 """
+import atexit
 import json
 import os
 import shutil
@@ -520,10 +521,54 @@ def share_tokenizers() -> None:
   tok_lib.load_tokenizer = shared
 
 
+def share_grader_pools() -> None:
+  """mars.rewards.GraderPool, one pool per distinct set of arguments per worker.
+
+  Every train() (straight, resumed) and every run_cli makes its own pool of
+  math-verify processes (a worker and a spare, each importing math_verify and
+  sympy: the first grade of a run waited 3-9 s for them). The library still
+  builds each pool's arguments from the config (workers, timeout, boxes);
+  the worker keeps the pool made with those arguments running and hands it to
+  the next run that asks for the same ones (close() is then a no-op; the pools
+  end with the worker). Grading is a pure function of (response, answer,
+  options), so which process grades changes nothing."""
+  from mars import rewards
+  real = rewards.GraderPool
+  if getattr(real, "shared_by_config_smoke", False):
+    return
+  pools = {}
+
+  class SharedGraderPool:
+    shared_by_config_smoke = True
+
+    def __init__(self, *args, **kwargs):
+      key = json.dumps([args, sorted(kwargs.items())], default=str)
+      if key not in pools:
+        pools[key] = real(*args, **kwargs)
+        atexit.register(pools[key].close)
+      self._pool = pools[key]
+
+    def grade_batch(self, responses, answers):
+      return self._pool.grade_batch(responses, answers)
+
+    def canonical_batch(self, texts):
+      return self._pool.canonical_batch(texts)
+
+    def close(self):
+      pass
+
+    def __getattr__(self, name):
+      return getattr(self._pool, name)
+
+  rewards.GraderPool = SharedGraderPool
+
+
 def init_jax(compile_cache: str = "") -> None:
-  """Once per worker process: the compilation cache, shared tokenizers, quiet logs."""
+  """Once per worker process: the compilation cache, shared tokenizers and
+  grader pools, quiet logs."""
   import jax
   share_tokenizers()
+  share_grader_pools()
   if compile_cache:  # the same programs compile once across runs and configs
     jax.config.update("jax_compilation_cache_dir", compile_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
