@@ -104,6 +104,7 @@ CPU cores (load 6-9): 19-20 min for this file, per config 25-250 s
 (eval_math ~25 s, tiny 100-165 s, the others 85-250 s). A compilation cache
 kept across sessions did not shorten it measurably.
 """
+import concurrent.futures
 import importlib.util
 import json
 import math
@@ -111,6 +112,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -150,33 +152,61 @@ class Smoke:
     self.cache = root / "jax_cache"
     self.log = root / "worker.log"
     self._tokenizers, self._warm, self._models = {}, {}, {}
+    self._lock = threading.RLock()
+    self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smoke-models")
     self._worker = None
 
   def tokenizer_dir(self, model_path: str) -> str:
     _, tok = W.REAL_MODELS[model_path]
-    if tok not in self._tokenizers:
-      self._tokenizers[tok] = W.build_tokenizer_dir(str(self.shared / "models" / tok),
-                                                    str(self.root / f"tokenizer_{tok}"))
-    return self._tokenizers[tok]
+    with self._lock:
+      if tok not in self._tokenizers:
+        self._tokenizers[tok] = W.build_tokenizer_dir(str(self.shared / "models" / tok),
+                                                      str(self.root / f"tokenizer_{tok}"))
+      return self._tokenizers[tok]
 
-  def model(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
+  def _build(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
     """The warm-started tiny model saved in `dtype`. The warm start (fp32, torch)
     runs once per (model, seed, data): eval_math's bf16 Qwen3-4B-shaped checkpoint
     is the 4B configs' warm-started model saved in bf16."""
-    warm_key, key = (model_path, seed, data_name), (model_path, seed, dtype, data_name)
-    if key not in self._models:
-      t0 = time.perf_counter()
-      if warm_key not in self._warm:
-        self._warm[warm_key] = W.warm_tiny_model(
-            model_path, seed, shared_dir=str(self.shared),
-            tokenizer_dir=self.tokenizer_dir(model_path), data_name=data_name,
-            data_dir=str(self.tfds))
-      torch_model, info = self._warm[warm_key]
-      name = "_".join([W.REAL_MODELS[model_path][0], str(seed), dtype])
-      out = W.save_tiny_model(torch_model, dtype, str(self.root / f"model_{name}"),
-                              self.tokenizer_dir(model_path))
-      self._models[key] = dict(info, dir=out, build_s=time.perf_counter() - t0)
-    return self._models[key]
+    warm_key = (model_path, seed, data_name)
+    t0 = time.perf_counter()
+    if warm_key not in self._warm:
+      self._warm[warm_key] = W.warm_tiny_model(
+          model_path, seed, shared_dir=str(self.shared),
+          tokenizer_dir=self.tokenizer_dir(model_path), data_name=data_name,
+          data_dir=str(self.tfds))
+    torch_model, info = self._warm[warm_key]
+    name = "_".join([W.REAL_MODELS[model_path][0], str(seed), dtype])
+    out = W.save_tiny_model(torch_model, dtype, str(self.root / f"model_{name}"),
+                            self.tokenizer_dir(model_path))
+    return dict(info, dir=out, build_s=time.perf_counter() - t0)
+
+  def _model_future(self, model_path: str, seed: int, dtype: str, data_name: str):
+    key = (model_path, seed, dtype, data_name)
+    with self._lock:
+      if key not in self._models:
+        self._models[key] = self._builder.submit(self._build, *key)
+      return self._models[key]
+
+  def model(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
+    return self._model_future(model_path, seed, dtype, data_name).result()
+
+  @staticmethod
+  def model_key(name: str):
+    """(model path, seed, dtype, data) of configs/<name>.py's tiny model; None for tiny."""
+    from mars import config as mars_config
+    if name in W.EVAL_CONFIGS:
+      return W.EVAL_MODEL + ("simplerl_math_l3to5",)
+    c = mars_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
+    return (c.model.path, c.seed, c.model.dtype, c.data.name) if c.model.path else None
+
+  def prefetch(self, names):
+    """Builds the models of these configs in the background, in order (one thread:
+    torch warm starts overlap the worker's runs instead of waiting between them)."""
+    for name in names:
+      key = self.model_key(name)
+      if key:
+        self._model_future(*key)
 
   def _worker_env(self) -> dict:
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -188,8 +218,8 @@ class Smoke:
       f.seek(offset)
       return f.read().decode(errors="replace")[-8000:]
 
-  def _submit(self, name: str, spec_path: pathlib.Path, report: pathlib.Path):
-    """Hands a spec to the worker (starting it if needed) and waits for its report."""
+  def start_worker(self):
+    """The worker process (imports, JAX runtime), if not running."""
     if self._worker is None or self._worker.poll() is not None:
       log = open(self.log, "ab")  # pylint: disable=consider-using-with
       self._worker = subprocess.Popen(
@@ -197,6 +227,10 @@ class Smoke:
           cwd=str(REPO), env=self._worker_env(), stdin=subprocess.PIPE, stdout=log,
           stderr=subprocess.STDOUT, text=True)
       log.close()
+
+  def _submit(self, name: str, spec_path: pathlib.Path, report: pathlib.Path):
+    """Hands a spec to the worker (starting it if needed) and waits for its report."""
+    self.start_worker()
     offset = self.log.stat().st_size if self.log.exists() else 0
     self._worker.stdin.write(f"{spec_path}\n")
     self._worker.stdin.flush()
@@ -211,6 +245,7 @@ class Smoke:
       time.sleep(0.1)
 
   def close(self):
+    self._builder.shutdown(wait=True, cancel_futures=True)
     if self._worker is not None:
       self._worker.stdin.close()
       try:
@@ -222,21 +257,15 @@ class Smoke:
 
   def run(self, name: str, workdir: pathlib.Path) -> tuple:
     """Runs configs/<name>.py in the worker -> (report, spec)."""
-    from mars import config as mars_config
     spec = {"config": name, "workdir": str(workdir), "tfds_dir": str(self.tfds),
             "compile_cache": str(self.cache), "report": str(workdir / "report.json")}
-    if name in W.EVAL_CONFIGS:
-      model_path, seed, dtype = W.EVAL_MODEL
-      data_name = "simplerl_math_l3to5"
-    else:
-      c = mars_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
-      model_path, seed, dtype, data_name = c.model.path, c.seed, c.model.dtype, c.data.name
+    key = self.model_key(name)
     t0 = time.perf_counter()
-    if model_path:
-      model = self.model(model_path, seed, dtype, data_name)
-      spec.update(model_dir=model["dir"], tokenizer_dir=self.tokenizer_dir(model_path),
+    if key:
+      model = self.model(*key)
+      spec.update(model_dir=model["dir"], tokenizer_dir=self.tokenizer_dir(key[0]),
                   model_build=model)
-    build_s = time.perf_counter() - t0
+    build_s = time.perf_counter() - t0  # waited for the model (built in the background)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -247,8 +276,14 @@ class Smoke:
 
 
 @pytest.fixture(scope="module")
-def smoke(shared_dir, tmp_path_factory):
+def smoke(shared_dir, tmp_path_factory, request):
   s = Smoke(tmp_path_factory.mktemp("config_smoke"), shared_dir)
+  # The selected configs' models, built in the background in test order.
+  names = [item.callspec.params["name"] for item in request.session.items
+           if getattr(item, "originalname", "") == "test_config_smoke"]
+  s.prefetch(names)
+  if names:
+    s.start_worker()  # imports while the first model is built
   yield s
   s.close()
 
