@@ -5,11 +5,13 @@ Two halves:
     (copied, plus the fast-tokenizer JSON built from them) and tiny Qwen
     models made by the installed transformers from the real config.json
     (`build_tiny_model`);
-  * a worker, run once per config in a fresh process with ONE CPU device
-    (the test session has 8 virtual devices, and a mesh over 8 devices would
-    need 8x the prompts per step):
+  * a worker, a process with ONE CPU device (the test session has 8 virtual
+    devices, and a mesh over 8 devices would need 8x the prompts per step)
+    that runs one config, or, as the test uses it, every config in turn
+    (a spec path per stdin line; see `serve`):
 
         python tests/config_smoke_run.py SPEC.json
+        python tests/config_smoke_run.py --serve
 
     It shrinks the config (`shrink_train_config` / `shrink_eval_config`),
     runs it through the library's own entry points (mars.train.train,

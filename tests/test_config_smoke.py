@@ -1,9 +1,10 @@
 """Every file in configs/ runs in the real regime with only its sizes shrunk.
 
 For each training config (multi_attempt_1p5b, ppo_single_turn_1p5b, grpo_4b,
-dapo_4b, lte_4b, lte_8b, tiny) one worker process (tests/config_smoke_run.py)
-runs the config through mars.train.train / mars.train.setup /
-mars.evaluate.run_cli and reports; this test then asserts:
+cispo_4b, dapo_4b, gspo_4b, lte_4b, lte_8b, tiny) a worker process
+(tests/config_smoke_run.py, one per session, see "Shared") runs the config
+through mars.train.train / mars.train.setup / mars.evaluate.run_cli and
+reports; this test then asserts:
 
   (a) weights moved: >= 99% of the entries of every trained matrix (embed,
       lm_head, q/k/v/o, gate/up/down) of the actor params, and of the
@@ -45,7 +46,9 @@ the changed keys, printed with the timings):
                   32/8); model_type, vocab_size (151936), rope_theta,
                   tie_word_embeddings, qkv bias / q-k norm, eps, max positions
                   as the real config. Saved in the config's model.dtype
-                  (bf16). model.path -> that directory; model.tokenizer_path
+                  (bf16; eval_math's bf16 checkpoint is the 4B configs'
+                  warm-started model saved in bf16: same seed, data and
+                  warm start). model.path -> that directory; model.tokenizer_path
                   -> a copy of the real tokenizer files (Qwen2.5-Math-1.5B's
                   for the 1.5B configs, Qwen3-4B-Base's for 4B and 8B; 8B
                   ships none and shares it) plus the tokenizer.json built from
@@ -92,17 +95,59 @@ the changed keys, printed with the timings):
                   device. In this process the 8 virtual devices would force
                   8 prompts per step through the data x fsdp axis (measured:
                   447 s for one 2-step grpo_4b run with 8 prompts x 8), hence
-                  a subprocess per config.
+                  a worker subprocess.
 Everything else (dtype, lr, schedule, optimizer, loss, clip, KL, LTE,
 attempts, algorithm, seeds, remat, whitening, dynamic sampling) is the config's.
+
+Shared (what the configs share is done once per session; nothing is skipped):
+  worker          one process runs every config in turn (started at once,
+                  restarted if it dies): the imports, the JAX runtime and every
+                  compiled program stay loaded, so configs of one model share
+                  the sampler, logprob and eval programs at equal shapes (the
+                  4B family draws the same prompts: seed 2). Within a config,
+                  straight and resumed runs are in one process as before.
+                  Programs are also kept in a per-session compilation cache
+                  (min compile time 0) for a restarted worker and for the
+                  jits each train() makes anew (its train step).
+  tokenizers      the worker memoises mars.tokenizer.load_tokenizer on the
+                  bytes of the tokenizer files: each distinct tokenizer is
+                  loaded once through the library's loader (transformers
+                  parses the 151k-token tokenizer.json in Python, 1-5 s a
+                  load, ~7 loads per config) and reused.
+  grader pools    the worker keeps one math-verify GraderPool per distinct
+                  argument set (the library still derives them from the
+                  config: workers, timeout, boxes); each train() and run_cli
+                  gets the running pool and its close() is a no-op. A fresh
+                  pool's first grade waited 3-15 s for its processes to import
+                  math_verify, 3 times per config. Grades depend on (response,
+                  answer, options) only.
+  models          one torch warm start per (model, seed, data), in a background
+                  thread of the test process in test order, so warm starts
+                  overlap the worker's runs.
 
 Cost: with a 151,936-token vocabulary every forward pass materialises
 [rows, length, 151936] fp32 logits, and XLA compiles each program per shape
 (the train step alone ~20 s on 2 busy cores; bf16 runs compile it twice, as
-the first update turns Adam's mu from bf16 into fp32). Measured on 2 shared
-CPU cores (load 6-9): 19-20 min for this file, per config 25-250 s
-(eval_math ~25 s, tiny 100-165 s, the others 85-250 s). A compilation cache
-kept across sessions did not shorten it measurably.
+the first update turns Adam's mu from bf16 into fp32). Each loss (grpo, cispo,
+dapo, gspo, lte) and each model family (1.5B with a critic and multi-attempt
+chunks, 4B, 8B, the demo) still compiles its own programs: the 1.5B configs
+spent 320 s (multi_attempt_1p5b) and 160 s (ppo_single_turn_1p5b) of wall time
+compiling on 2 cores shared at load ~10.
+Measured (wall per config, test process included; the machine was shared):
+  before (a360d00, a subprocess per config, load 0.4 rising to 7): cispo_4b
+  165 s (30 s of it the model build), dapo_4b 99, eval_math 47, grpo_4b 125,
+  gspo_4b 136, lte_4b 165; an earlier full run took 19-20 min at load 6-9.
+  after (this layout, load 7.6-11.5 throughout): cispo_4b 340 (36 s build,
+  142 s compile), dapo_4b 156, eval_math 33, grpo_4b 139, gspo_4b 280,
+  lte_4b 262, lte_8b 187 (its model built in the background: 0 s waited),
+  multi_attempt_1p5b 446, ppo_single_turn_1p5b 253, tiny 276 (202 s of it
+  compiling); the file 2421 s (13 passed). CPU time, which the load inflates
+  much less: the worker spent 76-105 CPU-s per 4B config after the first
+  (lte_8b 137, eval_math 22), and the whole file 1430 CPU-s (test process,
+  worker, graders), so at least ~12 min on 2 idle cores; the ~6 min aim is not
+  reached. What is left is mostly compiling (every loss and model family has
+  its own programs) and the three 151,936-vocab passes per step.
+A compilation cache kept across sessions did not shorten it measurably.
 """
 import concurrent.futures
 import importlib.util
