@@ -137,7 +137,7 @@ Measured (wall per config, test process included; the machine was shared):
   before (a360d00, a subprocess per config, load 0.4 rising to 7): cispo_4b
   165 s (30 s of it the model build), dapo_4b 99, eval_math 47, grpo_4b 125,
   gspo_4b 136, lte_4b 165; an earlier full run took 19-20 min at load 6-9.
-  after (this layout, load 7.6-11.5 throughout): cispo_4b 340 (36 s build,
+  after (this layout, load 7.6-11.5 throughout): cispo_4b 352 (36 s build,
   142 s compile), dapo_4b 156, eval_math 33, grpo_4b 139, gspo_4b 280,
   lte_4b 262, lte_8b 187 (its model built in the background: 0 s waited),
   multi_attempt_1p5b 446, ppo_single_turn_1p5b 253, tiny 276 (202 s of it
@@ -146,7 +146,7 @@ Measured (wall per config, test process included; the machine was shared):
   (lte_8b 137, eval_math 22), and the whole file 1430 CPU-s (test process,
   worker, graders), so at least ~12 min on 2 idle cores; the ~6 min aim is not
   reached. What is left is mostly compiling (every loss and model family has
-  its own programs) and the three 151,936-vocab passes per step.
+  its own programs) and the full-vocabulary logits of every step and eval.
 A compilation cache kept across sessions did not shorten it measurably.
 """
 import concurrent.futures
