@@ -5,11 +5,13 @@ Two halves:
     (copied, plus the fast-tokenizer JSON built from them) and tiny Qwen
     models made by the installed transformers from the real config.json
     (`build_tiny_model`);
-  * a worker, run once per config in a fresh process with ONE CPU device
-    (the test session has 8 virtual devices, and a mesh over 8 devices would
-    need 8x the prompts per step):
+  * a worker, a process with ONE CPU device (the test session has 8 virtual
+    devices, and a mesh over 8 devices would need 8x the prompts per step)
+    that runs one config, or, as the test uses it, every config in turn
+    (a spec path per stdin line; see `serve`):
 
         python tests/config_smoke_run.py SPEC.json
+        python tests/config_smoke_run.py --serve
 
     It shrinks the config (`shrink_train_config` / `shrink_eval_config`),
     runs it through the library's own entry points (mars.train.train,
@@ -26,6 +28,7 @@ move, however correct the trainer. The warm start makes the model answer
 will draw (about 1 in 4 correct), so groups are mixed, as with a real
 pretrained model.
 """
+import atexit
 import json
 import os
 import shutil
@@ -190,10 +193,10 @@ def warm_start(model, tokenizer, problems, *, steps: int = 150, lr: float = 1e-2
   return float(loss.detach())
 
 
-def build_tiny_model(model_path: str, seed: int, dtype: str, out_dir: str, *, shared_dir: str,
-                     tokenizer_dir: str, data_name: str, data_dir: str) -> dict:
-  """Tiny random Qwen (see tiny_hf_config) -> warm start -> save_pretrained in `dtype`,
-  with the tokenizer files next to it. Returns a description for the report."""
+def warm_tiny_model(model_path: str, seed: int, *, shared_dir: str, tokenizer_dir: str,
+                    data_name: str, data_dir: str):
+  """Tiny random Qwen (see tiny_hf_config), warm started (fp32, in torch).
+  Returns (torch model, description for the report)."""
   import torch
   import transformers
   from mars import tokenizer as tok_lib
@@ -209,11 +212,31 @@ def build_tiny_model(model_path: str, seed: int, dtype: str, out_dir: str, *, sh
   tokenizer = tok_lib.load_tokenizer(tokenizer_dir)
   problems = first_problems(data_name, seed, data_dir)
   loss = warm_start(model, tokenizer, problems, seed=seed)
-  model.to(getattr(torch, dtype)).save_pretrained(out_dir)
+  return model, {"warm_start_loss": loss, "answers": [p["answer"] for p in problems],
+                 "warm_start_s": time.perf_counter() - t0}
+
+
+def save_tiny_model(model, dtype: str, out_dir: str, tokenizer_dir: str) -> str:
+  """save_pretrained in `dtype` (a copy: the fp32 model stays for other dtypes),
+  with the tokenizer files next to it."""
+  import copy
+  import torch
+  copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(out_dir)
   for name in TOKENIZER_FILES + ("tokenizer.json",):
     shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
-  return {"dir": out_dir, "warm_start_loss": loss, "answers": [p["answer"] for p in problems],
-          "build_s": time.perf_counter() - t0}
+  return out_dir
+
+
+def build_tiny_model(model_path: str, seed: int, dtype: str, out_dir: str, *, shared_dir: str,
+                     tokenizer_dir: str, data_name: str, data_dir: str) -> dict:
+  """Tiny random Qwen (see tiny_hf_config) -> warm start -> save_pretrained in `dtype`,
+  with the tokenizer files next to it. Returns a description for the report."""
+  t0 = time.perf_counter()
+  model, info = warm_tiny_model(model_path, seed, shared_dir=shared_dir,
+                                tokenizer_dir=tokenizer_dir, data_name=data_name,
+                                data_dir=data_dir)
+  save_tiny_model(model, dtype, out_dir, tokenizer_dir)
+  return dict(info, dir=out_dir, build_s=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------
@@ -370,7 +393,12 @@ def resume_differences(a: dict, b: dict) -> dict:
     if name not in a or name not in b:
       out[name] = "missing"
       continue
-    x, y = a[name].astype(np.float64), b[name].astype(np.float64)
+    x, y = a[name], b[name]
+    if x.dtype == y.dtype and x.shape == y.shape and np.array_equal(
+        x, y, equal_nan=x.dtype.kind in "fc"):
+      out[name] = 0.0
+      continue
+    x, y = x.astype(np.float64), y.astype(np.float64)
     out[name] = 0.0 if np.array_equal(x, y, equal_nan=True) else float(np.max(np.abs(x - y)))
   return out
 
@@ -450,18 +478,117 @@ def run_eval_config(spec: dict, report: dict) -> None:
   report["eval_config"] = {c.mode: c.to_dict()}
 
 
-def main(spec_path: str) -> int:
-  with open(spec_path) as f:
-    spec = json.load(f)
+def _compile_listener(totals: dict):
+  """Accumulates JAX's compile-time events (seconds per event name) into `totals`."""
+  def listen(event, duration, **kw):
+    if "compil" in event or "trac" in event or "lower" in event:
+      totals[event] = totals.get(event, 0.0) + duration
+  return listen
+
+
+_COMPILE_TOTALS = {}
+# Files that make up an HF tokenizer directory (the model dirs hold weights too).
+_TOKENIZER_DIR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                        "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def share_tokenizers() -> None:
+  """mars.tokenizer.load_tokenizer, memoised on the tokenizer files' bytes.
+
+  A run loads its tokenizer in every setup (fresh, resumed, restored for the
+  comparisons) and in the eval CLI: ~7 loads of the 151,646-token BPE per
+  config, 1-5 s each (transformers parses tokenizer.json in Python). The same
+  files give the same tokenizer, so the worker loads each distinct one once,
+  through the library's loader, and hands that object to every later call
+  (mars only encodes and decodes with it)."""
+  import hashlib
+  from mars import tokenizer as tok_lib
+  load = tok_lib.load_tokenizer
+  if getattr(load, "shared_by_config_smoke", False):
+    return
+  loaded = {}
+
+  def shared(path: str):
+    if not os.path.isdir(path):
+      return load(path)
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_DIR_FILES:
+      file = os.path.join(path, name)
+      if os.path.exists(file):
+        with open(file, "rb") as f:
+          digest.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    key = digest.hexdigest()
+    if key not in loaded:
+      loaded[key] = load(path)
+    return loaded[key]
+
+  shared.shared_by_config_smoke = True
+  tok_lib.load_tokenizer = shared
+
+
+def share_grader_pools() -> None:
+  """mars.rewards.GraderPool, one pool per distinct set of arguments per worker.
+
+  Every train() (straight, resumed) and every run_cli makes its own pool of
+  math-verify processes (a worker and a spare, each importing math_verify and
+  sympy: the first grade of a run waited 3-9 s for them). The library still
+  builds each pool's arguments from the config (workers, timeout, boxes);
+  the worker keeps the pool made with those arguments running and hands it to
+  the next run that asks for the same ones (close() is then a no-op; the pools
+  end with the worker). Grading is a pure function of (response, answer,
+  options), so which process grades changes nothing."""
+  from mars import rewards
+  real = rewards.GraderPool
+  if getattr(real, "shared_by_config_smoke", False):
+    return
+  pools = {}
+
+  class SharedGraderPool:
+    shared_by_config_smoke = True
+
+    def __init__(self, *args, **kwargs):
+      key = json.dumps([args, sorted(kwargs.items())], default=str)
+      if key not in pools:
+        pools[key] = real(*args, **kwargs)
+        atexit.register(pools[key].close)
+      self._pool = pools[key]
+
+    def grade_batch(self, responses, answers):
+      return self._pool.grade_batch(responses, answers)
+
+    def canonical_batch(self, texts):
+      return self._pool.canonical_batch(texts)
+
+    def close(self):
+      pass
+
+    def __getattr__(self, name):
+      return getattr(self._pool, name)
+
+  rewards.GraderPool = SharedGraderPool
+
+
+def init_jax(compile_cache: str = "") -> None:
+  """Once per worker process: the compilation cache, shared tokenizers and
+  grader pools, quiet logs."""
   import jax
-  if spec.get("compile_cache"):  # the same programs compile once across runs and configs
-    jax.config.update("jax_compilation_cache_dir", spec["compile_cache"])
+  share_tokenizers()
+  share_grader_pools()
+  if compile_cache:  # the same programs compile once across runs and configs
+    jax.config.update("jax_compilation_cache_dir", compile_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.monitoring.register_event_duration_secs_listener(_compile_listener(_COMPILE_TOTALS))
   from mars import train
   from mars.trainer import loop, policy, rollout_phase, run_state
   train.quiet_library_logs()
+
+
+def run_spec(spec: dict) -> dict:
+  """Runs one config; writes and returns its report (errors are reported, not raised)."""
+  import jax
   report = {"config": spec["config"], "devices": jax.device_count(), "times": {}}
+  before = dict(_COMPILE_TOTALS)
   t0 = time.perf_counter()
   try:
     if spec["config"] in EVAL_CONFIGS:
@@ -471,11 +598,44 @@ def main(spec_path: str) -> int:
   except Exception:  # pylint: disable=broad-except
     report["error"] = traceback.format_exc()
   report["times"]["total_s"] = time.perf_counter() - t0
-  with open(spec["report"], "w") as f:
+  report["jax_compile_s"] = {k: v - before.get(k, 0.0) for k, v in _COMPILE_TOTALS.items()
+                             if v - before.get(k, 0.0) > 0}
+  tmp = spec["report"] + ".tmp"
+  with open(tmp, "w") as f:
     json.dump(report, f, indent=1, default=str)
+  os.replace(tmp, spec["report"])  # the test waits for this file
+  return report
+
+
+def main(spec_path: str) -> int:
+  with open(spec_path) as f:
+    spec = json.load(f)
+  init_jax(spec.get("compile_cache", ""))
+  run_spec(spec)
+  return 0
+
+
+def serve() -> int:
+  """One process for many configs: a spec path per stdin line, each run in turn
+  (its report file written when done). Compiled programs, the JAX runtime and
+  the imports are then paid once per session, not once per config."""
+  initialised = False
+  for line in sys.stdin:
+    path = line.strip()
+    if not path:
+      continue
+    with open(path) as f:
+      spec = json.load(f)
+    if not initialised:
+      init_jax(spec.get("compile_cache", ""))
+      initialised = True
+    run_spec(spec)
+    print(f"config_smoke_run: done {spec['config']}", flush=True)
   return 0
 
 
 if __name__ == "__main__":
   sys.path.insert(0, REPO)
+  if sys.argv[1:] == ["--serve"]:
+    sys.exit(serve())
   sys.exit(main(sys.argv[1]))

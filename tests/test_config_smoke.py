@@ -1,9 +1,10 @@
 """Every file in configs/ runs in the real regime with only its sizes shrunk.
 
 For each training config (multi_attempt_1p5b, ppo_single_turn_1p5b, grpo_4b,
-dapo_4b, lte_4b, lte_8b, tiny) one worker process (tests/config_smoke_run.py)
-runs the config through mars.train.train / mars.train.setup /
-mars.evaluate.run_cli and reports; this test then asserts:
+cispo_4b, dapo_4b, gspo_4b, lte_4b, lte_8b, tiny) a worker process
+(tests/config_smoke_run.py, one per session, see "Shared") runs the config
+through mars.train.train / mars.train.setup / mars.evaluate.run_cli and
+reports; this test then asserts:
 
   (a) weights moved: >= 99% of the entries of every trained matrix (embed,
       lm_head, q/k/v/o, gate/up/down) of the actor params, and of the
@@ -45,7 +46,9 @@ the changed keys, printed with the timings):
                   32/8); model_type, vocab_size (151936), rope_theta,
                   tie_word_embeddings, qkv bias / q-k norm, eps, max positions
                   as the real config. Saved in the config's model.dtype
-                  (bf16). model.path -> that directory; model.tokenizer_path
+                  (bf16; eval_math's bf16 checkpoint is the 4B configs'
+                  warm-started model saved in bf16: same seed, data and
+                  warm start). model.path -> that directory; model.tokenizer_path
                   -> a copy of the real tokenizer files (Qwen2.5-Math-1.5B's
                   for the 1.5B configs, Qwen3-4B-Base's for 4B and 8B; 8B
                   ships none and shares it) plus the tokenizer.json built from
@@ -92,18 +95,61 @@ the changed keys, printed with the timings):
                   device. In this process the 8 virtual devices would force
                   8 prompts per step through the data x fsdp axis (measured:
                   447 s for one 2-step grpo_4b run with 8 prompts x 8), hence
-                  a subprocess per config.
+                  a worker subprocess.
 Everything else (dtype, lr, schedule, optimizer, loss, clip, KL, LTE,
 attempts, algorithm, seeds, remat, whitening, dynamic sampling) is the config's.
+
+Shared (what the configs share is done once per session; nothing is skipped):
+  worker          one process runs every config in turn (started at once,
+                  restarted if it dies): the imports, the JAX runtime and every
+                  compiled program stay loaded, so configs of one model share
+                  the sampler, logprob and eval programs at equal shapes (the
+                  4B family draws the same prompts: seed 2). Within a config,
+                  straight and resumed runs are in one process as before.
+                  Programs are also kept in a per-session compilation cache
+                  (min compile time 0) for a restarted worker and for the
+                  jits each train() makes anew (its train step).
+  tokenizers      the worker memoises mars.tokenizer.load_tokenizer on the
+                  bytes of the tokenizer files: each distinct tokenizer is
+                  loaded once through the library's loader (transformers
+                  parses the 151k-token tokenizer.json in Python, 1-5 s a
+                  load, ~7 loads per config) and reused.
+  grader pools    the worker keeps one math-verify GraderPool per distinct
+                  argument set (the library still derives them from the
+                  config: workers, timeout, boxes); each train() and run_cli
+                  gets the running pool and its close() is a no-op. A fresh
+                  pool's first grade waited 3-15 s for its processes to import
+                  math_verify, 3 times per config. Grades depend on (response,
+                  answer, options) only.
+  models          one torch warm start per (model, seed, data), in a background
+                  thread of the test process in test order, so warm starts
+                  overlap the worker's runs.
 
 Cost: with a 151,936-token vocabulary every forward pass materialises
 [rows, length, 151936] fp32 logits, and XLA compiles each program per shape
 (the train step alone ~20 s on 2 busy cores; bf16 runs compile it twice, as
-the first update turns Adam's mu from bf16 into fp32). Measured on 2 shared
-CPU cores (load 6-9): 19-20 min for this file, per config 25-250 s
-(eval_math ~25 s, tiny 100-165 s, the others 85-250 s). A compilation cache
-kept across sessions did not shorten it measurably.
+the first update turns Adam's mu from bf16 into fp32). Each loss (grpo, cispo,
+dapo, gspo, lte) and each model family (1.5B with a critic and multi-attempt
+chunks, 4B, 8B, the demo) still compiles its own programs: the 1.5B configs
+spent 320 s (multi_attempt_1p5b) and 160 s (ppo_single_turn_1p5b) of wall time
+compiling on 2 cores shared at load ~10.
+Measured (wall per config, test process included; the machine was shared):
+  before (a360d00, a subprocess per config, load 0.4 rising to 7): cispo_4b
+  165 s (30 s of it the model build), dapo_4b 99, eval_math 47, grpo_4b 125,
+  gspo_4b 136, lte_4b 165; an earlier full run took 19-20 min at load 6-9.
+  after (this layout, load 7.6-11.5 throughout): cispo_4b 352 (36 s build,
+  142 s compile), dapo_4b 156, eval_math 33, grpo_4b 139, gspo_4b 280,
+  lte_4b 262, lte_8b 187 (its model built in the background: 0 s waited),
+  multi_attempt_1p5b 446, ppo_single_turn_1p5b 253, tiny 276 (202 s of it
+  compiling); the file 2421 s (13 passed). CPU time, which the load inflates
+  much less: the worker spent 76-105 CPU-s per 4B config after the first
+  (lte_8b 137, eval_math 22), and the whole file 1430 CPU-s (test process,
+  worker, graders), so at least ~12 min on 2 idle cores; the ~6 min aim is not
+  reached. What is left is mostly compiling (every loss and model family has
+  its own programs) and the full-vocabulary logits of every step and eval.
+A compilation cache kept across sessions did not shorten it measurably.
 """
+import concurrent.futures
 import importlib.util
 import json
 import math
@@ -111,6 +157,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -137,71 +184,153 @@ W = _load_worker()
 
 
 class Smoke:
-  """Session state: temp TFDS dir, the JAX compilation cache shared by the
-  workers, and the tokenizer / tiny model directories, each built once."""
+  """Session state: temp TFDS dir, the JAX compilation cache, the tokenizer /
+  tiny model directories (each built once) and the one worker process that
+  runs the configs in turn (started on first use, restarted if it dies)."""
 
   def __init__(self, root: pathlib.Path, shared: pathlib.Path):
     self.root, self.shared = root, shared
     self.tfds = root / "tfds"
-    # The workers' JAX compilation cache: a program compiled by one worker (the same
-    # model's sampler, logprob or train step at one shape) is reused by the next.
+    # The JAX compilation cache: a program the worker compiled for one config (the
+    # same model's sampler, logprob or train step at one shape) is reused by the next,
+    # in memory, and from this directory if the worker had to be restarted.
     self.cache = root / "jax_cache"
-    self._tokenizers, self._models = {}, {}
+    self.log = root / "worker.log"
+    self._tokenizers, self._warm, self._models = {}, {}, {}
+    self._lock = threading.RLock()
+    self._builder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smoke-models")
+    self._worker = None
 
   def tokenizer_dir(self, model_path: str) -> str:
     _, tok = W.REAL_MODELS[model_path]
-    if tok not in self._tokenizers:
-      self._tokenizers[tok] = W.build_tokenizer_dir(str(self.shared / "models" / tok),
-                                                    str(self.root / f"tokenizer_{tok}"))
-    return self._tokenizers[tok]
+    with self._lock:
+      if tok not in self._tokenizers:
+        self._tokenizers[tok] = W.build_tokenizer_dir(str(self.shared / "models" / tok),
+                                                      str(self.root / f"tokenizer_{tok}"))
+      return self._tokenizers[tok]
 
-  def model(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
-    key = (model_path, seed, dtype, data_name)
-    if key not in self._models:
-      name = "_".join([W.REAL_MODELS[model_path][0], str(seed), dtype])
-      self._models[key] = W.build_tiny_model(
-          model_path, seed, dtype, str(self.root / f"model_{name}"), shared_dir=str(self.shared),
+  def _build(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
+    """The warm-started tiny model saved in `dtype`. The warm start (fp32, torch)
+    runs once per (model, seed, data): eval_math's bf16 Qwen3-4B-shaped checkpoint
+    is the 4B configs' warm-started model saved in bf16."""
+    warm_key = (model_path, seed, data_name)
+    t0 = time.perf_counter()
+    if warm_key not in self._warm:
+      self._warm[warm_key] = W.warm_tiny_model(
+          model_path, seed, shared_dir=str(self.shared),
           tokenizer_dir=self.tokenizer_dir(model_path), data_name=data_name,
           data_dir=str(self.tfds))
-    return self._models[key]
+    torch_model, info = self._warm[warm_key]
+    name = "_".join([W.REAL_MODELS[model_path][0], str(seed), dtype])
+    out = W.save_tiny_model(torch_model, dtype, str(self.root / f"model_{name}"),
+                            self.tokenizer_dir(model_path))
+    return dict(info, dir=out, build_s=time.perf_counter() - t0)
+
+  def _model_future(self, model_path: str, seed: int, dtype: str, data_name: str):
+    key = (model_path, seed, dtype, data_name)
+    with self._lock:
+      if key not in self._models:
+        self._models[key] = self._builder.submit(self._build, *key)
+      return self._models[key]
+
+  def model(self, model_path: str, seed: int, dtype: str, data_name: str) -> dict:
+    return self._model_future(model_path, seed, dtype, data_name).result()
+
+  @staticmethod
+  def model_key(name: str):
+    """(model path, seed, dtype, data) of configs/<name>.py's tiny model; None for tiny."""
+    from mars import config as mars_config
+    if name in W.EVAL_CONFIGS:
+      return W.EVAL_MODEL + ("simplerl_math_l3to5",)
+    c = mars_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
+    return (c.model.path, c.seed, c.model.dtype, c.data.name) if c.model.path else None
+
+  def prefetch(self, names):
+    """Builds the models of these configs in the background, in order (one thread:
+    torch warm starts overlap the worker's runs instead of waiting between them)."""
+    for name in names:
+      key = self.model_key(name)
+      if key:
+        self._model_future(*key)
+
+  def _worker_env(self) -> dict:
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                JAX_PLATFORMS="cpu", MARS_TFDS_DIR=str(self.tfds),
+                MARS_DATA_DIR=str(self.shared / "data"), PYTHONUNBUFFERED="1")
+
+  def _log_since(self, offset: int) -> str:
+    with open(self.log, "rb") as f:
+      f.seek(offset)
+      return f.read().decode(errors="replace")[-8000:]
+
+  def start_worker(self):
+    """The worker process (imports, JAX runtime), if not running."""
+    if self._worker is None or self._worker.poll() is not None:
+      log = open(self.log, "ab")  # pylint: disable=consider-using-with
+      self._worker = subprocess.Popen(
+          [sys.executable, str(REPO / "tests" / "config_smoke_run.py"), "--serve"],
+          cwd=str(REPO), env=self._worker_env(), stdin=subprocess.PIPE, stdout=log,
+          stderr=subprocess.STDOUT, text=True)
+      log.close()
+
+  def _submit(self, name: str, spec_path: pathlib.Path, report: pathlib.Path):
+    """Hands a spec to the worker (starting it if needed) and waits for its report."""
+    self.start_worker()
+    offset = self.log.stat().st_size if self.log.exists() else 0
+    self._worker.stdin.write(f"{spec_path}\n")
+    self._worker.stdin.flush()
+    deadline = time.monotonic() + 1800
+    while not report.exists():
+      if self._worker.poll() is not None:
+        rc, self._worker = self._worker.returncode, None
+        pytest.fail(f"worker died (exit {rc}) running {name}:\n{self._log_since(offset)}")
+      if time.monotonic() > deadline:
+        self.close()
+        pytest.fail(f"worker timed out running {name}:\n{self._log_since(offset)}")
+      time.sleep(0.1)
+
+  def close(self):
+    self._builder.shutdown(wait=True, cancel_futures=True)
+    if self._worker is not None:
+      self._worker.stdin.close()
+      try:
+        self._worker.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self._worker.kill()
+        self._worker.wait()
+      self._worker = None
 
   def run(self, name: str, workdir: pathlib.Path) -> tuple:
-    """Runs the worker for configs/<name>.py -> (report, spec)."""
-    from mars import config as mars_config
+    """Runs configs/<name>.py in the worker -> (report, spec)."""
     spec = {"config": name, "workdir": str(workdir), "tfds_dir": str(self.tfds),
             "compile_cache": str(self.cache), "report": str(workdir / "report.json")}
-    if name in W.EVAL_CONFIGS:
-      model_path, seed, dtype = W.EVAL_MODEL
-      data_name = "simplerl_math_l3to5"
-    else:
-      c = mars_config.load_config_file(str(REPO / "configs" / f"{name}.py"))
-      model_path, seed, dtype, data_name = c.model.path, c.seed, c.model.dtype, c.data.name
+    key = self.model_key(name)
     t0 = time.perf_counter()
-    if model_path:
-      model = self.model(model_path, seed, dtype, data_name)
-      spec.update(model_dir=model["dir"], tokenizer_dir=self.tokenizer_dir(model_path),
+    if key:
+      model = self.model(*key)
+      spec.update(model_dir=model["dir"], tokenizer_dir=self.tokenizer_dir(key[0]),
                   model_build=model)
-    build_s = time.perf_counter() - t0
+    build_s = time.perf_counter() - t0  # waited for the model (built in the background)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", MARS_TFDS_DIR=str(self.tfds),
-               MARS_DATA_DIR=str(self.shared / "data"), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "config_smoke_run.py"),
-                           str(spec_path)], cwd=str(REPO), env=env, capture_output=True,
-                          text=True, timeout=1800)
-    if proc.returncode or not (workdir / "report.json").exists():
-      pytest.fail(f"worker for {name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n"
-                  f"{proc.stderr[-5000:]}")
+    self._submit(name, spec_path, workdir / "report.json")
     report = json.loads((workdir / "report.json").read_text())
     report["times"]["model_build_s"] = build_s
     return report, spec
 
 
 @pytest.fixture(scope="module")
-def smoke(shared_dir, tmp_path_factory):
-  return Smoke(tmp_path_factory.mktemp("config_smoke"), shared_dir)
+def smoke(shared_dir, tmp_path_factory, request):
+  s = Smoke(tmp_path_factory.mktemp("config_smoke"), shared_dir)
+  # The selected configs' models, built in the background in test order.
+  names = [item.callspec.params["name"] for item in request.session.items
+           if getattr(item, "originalname", "") == "test_config_smoke"]
+  s.prefetch(names)
+  if names:
+    s.start_worker()  # imports while the first model is built
+  yield s
+  s.close()
 
 
 def _metrics(workdir: pathlib.Path) -> list:
@@ -240,7 +369,9 @@ def _eval_failures(label: str, numbers: dict, benchmarks: str) -> list:
 
 def _summary(name: str, report: dict) -> str:
   times = ", ".join(f"{k}={v:.0f}s" for k, v in report["times"].items())
-  return f"[{name}] {times}\n  shrunk: {report.get('shrunk')}"
+  jit = ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.0f}s"
+                  for k, v in sorted(report.get("jax_compile_s", {}).items()) if v >= 0.5)
+  return f"[{name}] {times}\n  jax: {jit}\n  shrunk: {report.get('shrunk')}"
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
