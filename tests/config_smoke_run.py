@@ -14,8 +14,8 @@ Two halves:
         python tests/config_smoke_run.py --serve
 
     It shrinks the config (`shrink_train_config` / `shrink_eval_config`),
-    runs it through the library's own entry points (mars.train.train,
-    mars.train.setup, mars.evaluate.run_cli) and writes a JSON report: the
+    runs it through the trainer's own entry points (mars.trainer.loop.train,
+    mars.trainer.run_state.setup, mars.trainer.evaluation.run_cli) and writes a JSON report: the
     fraction of entries of every trained matrix that moved, the largest
     straight-vs-resumed difference of every TrainState leaf, eval numbers and
     timings. The test asserts on that report and on the runs' metrics.jsonl.
@@ -334,7 +334,7 @@ def _leaves(tree) -> dict:
 
 def train_state(config, workdir: str) -> tuple:
   """({leaf: array} of the TrainState, step): fresh (empty workdir) or restored
-  from the latest checkpoint, through mars.train.setup (the path a run takes)."""
+  from the latest checkpoint, through mars.trainer.run_state.setup (the path a run takes)."""
   from mars.trainer import loop, policy, rollout_phase, run_state
   run = run_state.setup(config, workdir, grade_fn=_no_grader)
   try:
@@ -413,7 +413,6 @@ def run_train_config(spec: dict, report: dict) -> None:
   from mars import config as mars_config
   from mars.trainer import eval_settings, evaluation
   from mars.trainer import loop, policy, rollout_phase, run_state
-  from mars import config as mars_config
   name, root = spec["config"], spec["workdir"]
   c = mars_config.load_config_file(os.path.join(CONFIGS, f"{name}.py"))
   report["shrunk"] = shrink_train_config(c, model_dir=spec.get("model_dir", ""),
@@ -467,7 +466,6 @@ def run_train_config(spec: dict, report: dict) -> None:
 def run_eval_config(spec: dict, report: dict) -> None:
   from mars import config as mars_config
   from mars.trainer import eval_settings, evaluation
-  from mars import config as mars_config
   c = mars_config.load_config_file(os.path.join(CONFIGS, f"{spec['config']}.py"))
   report["shrunk"] = shrink_eval_config(c)
   t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 For each training config (multi_attempt_1p5b, ppo_single_turn_1p5b, grpo_4b,
 cispo_4b, dapo_4b, gspo_4b, lte_4b, lte_8b, tiny) a worker process
 (tests/config_smoke_run.py, one per session, see "Shared") runs the config
-through mars.train.train / mars.train.setup / mars.evaluate.run_cli and
+through mars.trainer.loop.train / run_state.setup / evaluation.run_cli and
 reports; this test then asserts:
 
   (a) weights moved: >= 99% of the entries of every trained matrix (embed,
@@ -22,14 +22,14 @@ reports; this test then asserts:
       non-finite guard.
   (c) resuming at step 1 reproduces step 2 exactly: the straight 2-step run
       writes a checkpoint after each step; a copy of its workdir without the
-      step-2 checkpoint resumes (mars.train.train on that workdir) and its
+      step-2 checkpoint resumes (mars.trainer.loop.train on that workdir) and its
       step-2 metrics (all but time/* and compile_count/*) and every final
       TrainState leaf (params, optimizer moments, critic, counters) must equal
       the straight run's bit for bit. Exact, as in tests/test_train.py: same
       process, same compiled programs, same seeds, CPU. (The step-1
       checkpoint of the straight run was written asynchronously while step 2
       ran, so this also checks async saving against the donated train state.)
-  (d) mars.evaluate.run_cli on the straight run's checkpoint, with the run's
+  (d) mars.trainer.evaluation.run_cli on the straight run's checkpoint, with the run's
       own eval settings (eval_settings.trainer_eval_config), gives a finite number
       for every metric of every configured benchmark.
 configs/eval_math.py is an eval config: its test is run_cli on a tiny
