@@ -16,6 +16,7 @@ fits, 1 when one does not, 2 on bad input.
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -36,6 +37,8 @@ if __name__ == "__main__":
                        "(default 1024; 64 for the demo model).")
   flags.DEFINE_list("steps", None, "Plan only these steps (update, logprob, values, prefill, "
                     "decode); default all.")
+  flags.DEFINE_float("effort", 0.0, "XLA exec_time_optimization_effort in [-1, 1]; 0 = what "
+                     "mars.train compiles, -1 = ~3x faster TPU compiles, temps over-estimated.")
   flags.DEFINE_string("model_dir", None, "Directory with the model's config.json "
                       "(default: model.path, ../shared/models/<name>, or the HF hub).")
 
@@ -106,24 +109,27 @@ def _capacity(topo):
 
 def analyze(step, topo, capacity) -> dict:
   """Compiles one step; its per-device memory, cost and modeled time."""
+  import jax  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  compiled = step.fn.lower(*step.args, **step.kwargs).compile()
+  try:
+    compiled = step.fn.lower(*step.args, **step.kwargs).compile()
+    mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
+    xla = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+               alias=mem.alias_size_in_bytes, temps=mem.temp_size_in_bytes,
+               code=mem.generated_code_size_in_bytes)
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program over HBM; its message still says how much it needed.
+    xla, cost = _oom_figures(str(e), step), {}
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  program = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  total = step.resident + program
+  xla.update(flops=float(cost.get("flops", 0.0)), bytes=float(cost.get("bytes accessed", 0.0)))
+  total = step.resident + (xla["arguments"] + xla["outputs"] - xla["alias"] + xla["temps"]
+                           + xla["code"])
   named = sum(step.named.values())
   r = dict(step=step.name, shape=step.shape, compile_s=compile_s, **step.named,
-           temps=mem.temp_size_in_bytes, other=max(total - named - mem.temp_size_in_bytes, 0),
+           temps=xla["temps"], other=max(total - named - xla["temps"], 0),
            total=total, capacity=capacity[0], capacity_source=capacity[1],
-           fits=total <= capacity[0],
-           xla=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
-                    alias=mem.alias_size_in_bytes, temps=mem.temp_size_in_bytes,
-                    flops=float(cost.get("flops", 0.0)),
-                    bytes=float(cost.get("bytes accessed", 0.0))),
+           fits=total <= capacity[0] and not xla.get("refused"), xla=xla,
            analytic_flops=step.flops, analytic_bytes=step.hbm_bytes, loop_trips=step.loop_trips)
   ratio = r["xla"]["flops"] / step.flops if step.flops else 1.0
   # XLA's cost analysis visits a loop body once (layer scan, micro-batch scan):
@@ -135,11 +141,39 @@ def analyze(step, topo, capacity) -> dict:
   if step.ideal_bytes:
     r["bytes_per_ideal"] = r["bytes"] / step.ideal_bytes
     r["xla_bytes_per_ideal"] = r["xla"]["bytes"] / step.ideal_bytes
+    # XLA visits the layer loop once; ×layers over-counts what lies outside it.
+    r["xla_bytes_per_ideal_scaled"] = r["xla"]["bytes"] * step.loop_trips / step.ideal_bytes
   if topo.chip is not None:
     t_flops = r["flops"] / topo.per_device(topo.chip.peak_flops)
     t_bytes = r["bytes"] / topo.per_device(topo.chip.hbm_bandwidth)
     r["time_s"], r["bound"] = max((t_flops, "compute"), (t_bytes, "memory"))
   return r
+
+
+_UNITS = dict(K=2 ** 10, M=2 ** 20, G=2 ** 30, T=2 ** 40)
+
+
+def _oom_figures(message: str, step) -> dict:
+  """Memory figures of a program the compiler refused (RESOURCE_EXHAUSTED on HBM).
+
+  Its message gives the program's whole footprint ("... HLO temporaries
+  (353.40G) exceeds available HBM (95.74G)": measured on a program that fits
+  one chip and not another, that figure is arguments + outputs + temporaries,
+  not temporaries alone) or ("Used 120.5G of 95.74G hbm"); the arguments and
+  outputs come from the abstract shapes, the temporaries are the rest.
+  """
+  from mars import plan_steps  # pylint: disable=g-import-not-at-top
+  if "RESOURCE_EXHAUSTED" not in message:
+    raise PlanError(f"{step.name}: compile failed: {message.splitlines()[0][:300]}")
+  num = lambda m: float(m.group(1)) * _UNITS[m.group(2)]
+  args = plan_steps.device_bytes(step.args)
+  needed = (re.search(r"HLO temporaries \(([\d.]+)([KMGT])", message)
+            or re.search(r"Used ([\d.]+)([KMGT]) of", message))
+  if not needed:
+    raise PlanError(f"{step.name}: compile failed: {message.splitlines()[0][:300]}")
+  temps = max(num(needed) - args - step.out_bytes, 0)
+  return dict(arguments=args, outputs=step.out_bytes, alias=0, temps=temps, code=0,
+              refused=message.splitlines()[0][:300])
 
 
 def suggest(r, c, facts, topo, mesh_shape) -> str:
@@ -185,10 +219,21 @@ def verdict(r) -> str:
 
 
 def plan_topology(c, name: str, prompt_len: int = None, model_dir: str = None,
-                  steps=None, log=print) -> dict:
+                  steps=None, log=print, effort: float = 0.0) -> dict:
   """Plans config `c` on topology `name`; returns the JSON-able result."""
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_exec_time_optimization_effort
+  jax.config.update("jax_exec_time_optimization_effort", effort)
+  try:
+    return _plan_topology(c, name, prompt_len, model_dir, steps, log)
+  finally:
+    jax.config.update("jax_exec_time_optimization_effort", before)
+
+
+def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
   # SimpleRL prompts bucket to 1024 columns in a 128-prompt batch; the demo's are short.
   prompt_len = prompt_len or (1024 if c.model.path else 64)
+  import jax  # pylint: disable=g-import-not-at-top
   from mars import sharding, plan_steps  # pylint: disable=g-import-not-at-top
   from mars import config as mars_config  # pylint: disable=g-import-not-at-top
   topo = hardware.get(name)
@@ -210,7 +255,7 @@ def plan_topology(c, name: str, prompt_len: int = None, model_dir: str = None,
       r["suggestion"] = suggest(r, c, facts, topo, mesh_shape)
     r["verdict"] = verdict(r)
     results.append(r)
-  out = dict(topology=topo.name, devices=len(topo.devices), chips=topo.num_chips,
+  out = dict(topology=topo.name, effort=jax.config.jax_exec_time_optimization_effort, devices=len(topo.devices), chips=topo.num_chips,
              hosts=topo.num_hosts, mesh=dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
              chip=(topo.chip.__dict__ if topo.chip else None), capacity=capacity,
              capacity_source=cap_what, facts=facts, steps=results)
@@ -240,7 +285,8 @@ def format_table(p) -> str:
     lines.append(f"  {r['step']}: {r['shape']}; XLA flops/analytic {r['flops_ratio']:.3f} "
                  f"(loop trips {r['loop_trips']})"
                  + (f"; decode bytes/ideal {r['bytes_per_ideal']:.2f} (XLA's count "
-                    f"{r['xla_bytes_per_ideal']:.2f})" if "bytes_per_ideal" in r else ""))
+                    f"{r['xla_bytes_per_ideal']:.2f}, × layers {r['xla_bytes_per_ideal_scaled']:.2f})"
+                    if "bytes_per_ideal" in r and r["xla"]["bytes"] else ""))
   lines += [f"{r['step']}: {r['verdict']}" for r in p["steps"]]
   return "\n".join(lines)
 
@@ -260,7 +306,7 @@ def main(argv):
             "pip install -e \".[tpu]\" and pass --topology=v5p-8,...", file=sys.stderr)
     for name in names:
       plans.append(plan_topology(FLAGS.config, name, FLAGS.prompt_len, FLAGS.model_dir,
-                                 FLAGS.steps))
+                                 FLAGS.steps, effort=FLAGS.effort))
   except (hardware.TopologyError, PlanError, ConfigError, ShardingError, FileNotFoundError,
           UnsupportedConfigError, ValueError) as e:
     print(f"mars.plan: error: {e}", file=sys.stderr)

@@ -42,6 +42,7 @@ class Step:
   hbm_bytes: float        # analytic HBM traffic lower bound, per device
   ideal_bytes: Optional[float] = None   # decode: params + live KV, each read once
   loop_trips: int = 1     # iterations of the loops XLA counts once (layers × micro-batches)
+  out_bytes: float = 0    # per-device outputs not aliased to inputs (for a refused compile)
   shape: str = ""
 
 
@@ -203,7 +204,8 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
         resident=train_state - pb + f["ref"] + full_batch,
         flops=forward_flops(model_cfg, rows, T, lm_head=not critic_fwd) / ndev,
         hbm_bytes=n_micro_all * (full_w(pb) + logits_io(rows) / 3 * (0 if critic_fwd else 2)),
-        loop_trips=L * n_micro_all, shape=f"{rows} rows × {T}, micro {micro or rows}"))
+        loop_trips=L * n_micro_all, out_bytes=device_bytes(rows_args[0]),
+        shape=f"{rows} rows × {T}, micro {micro or rows}"))
 
   # The sampler: prefill B prompts (fanned out to B·n rows), then one decode step.
   P, S, B, n = geo.prompt_len, geo.cache_len, geo.prompts, geo.n
@@ -230,6 +232,7 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
       "prefill", engine._jit_prefill, prefill_args, prefill_kw,  # pylint: disable=protected-access
       named=sampler_named, resident=sampler_resident, flops=prefill_flops / ndev,
       hbm_bytes=full_w(f["rollout_params"]) + prompt_kv + kv, loop_trips=L,
+      out_bytes=device_bytes(dstate),
       shape=f"{B} prompts × {P} -> {B * n} rows, cache {S}"))
   scalar = lambda dt: _sds((), dt, rep)
   decode_args = (rollout_params, dstate, scalar(jnp.int32), scalar(jnp.float32),
