@@ -98,6 +98,8 @@ def get(name: str) -> Topology:
   kwargs = {}
   if chips < 4:  # libtpu's default host is 2x2 chips
     kwargs["chips_per_host_bounds"] = (dims + [1, 1])[:3]
+  elif chips == 8 and len(dims) == 2:  # v5e-8 / v6e-8: one host with 8 chips
+    kwargs["chips_per_host_bounds"] = (2, 4, 1)
   topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{shape}", **kwargs)
   devices = list(topo.devices)
   hosts = len({d.process_index for d in devices})

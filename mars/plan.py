@@ -282,10 +282,12 @@ def format_table(p) -> str:
         f"{r['flops'] / 1e12:8.2f}({r['flops_source'][0]}) {r['bytes'] / 1e9:8.2f}({r['bytes_source'][0]}) "
         f"{t} {r['compile_s']:6.1f}")
   for r in p["steps"]:
-    lines.append(f"  {r['step']}: {r['shape']}; XLA flops/analytic {r['flops_ratio']:.3f} "
+    lines.append(f"  {r['step']}: {r['shape']}; XLA flops/analytic {r['flops_ratio']:.2g} "
                  f"(loop trips {r['loop_trips']})"
-                 + (f"; decode bytes/ideal {r['bytes_per_ideal']:.2f} (XLA's count "
-                    f"{r['xla_bytes_per_ideal']:.2f}, × layers {r['xla_bytes_per_ideal_scaled']:.2f})"
+                 + (f"; decode bytes/ideal {r['bytes_per_ideal']:.2f}" if "bytes_per_ideal" in r
+                    else "")
+                 + (f" (XLA's count {r['xla_bytes_per_ideal']:.2f}, × layers "
+                    f"{r['xla_bytes_per_ideal_scaled']:.2f})"
                     if "bytes_per_ideal" in r and r["xla"]["bytes"] else ""))
   lines += [f"{r['step']}: {r['verdict']}" for r in p["steps"]]
   return "\n".join(lines)

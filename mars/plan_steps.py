@@ -178,8 +178,8 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   if has_critic:
     flops += passes * forward_flops(model_cfg, mb, T, lm_head=False)
   w = (f["params"] + f["critic"]) / 4 * cbytes      # compute-dtype copy of the masters
-  traffic = (n_micro * (passes * full_w(w) + 2 * (f["params"] + f["critic"]) + logits_io(mb))
-             + 2 * train_state)
+  traffic = (n_micro * (passes * full_w(w) + 2 * (f["params"] + f["critic"])
+                        + logits_io(micro or mb)) + 2 * train_state)
   steps.append(Step(
       "update" + ("+critic" if has_critic else ""), train_step.jitted,
       (state, batch(mb), _sds((mb, T), jnp.float32, two), _sds((mb, T), jnp.float32, two)), {},
@@ -203,7 +203,7 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
         named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
         resident=train_state - pb + f["ref"] + full_batch,
         flops=forward_flops(model_cfg, rows, T, lm_head=not critic_fwd) / ndev,
-        hbm_bytes=n_micro_all * (full_w(pb) + logits_io(rows) / 3 * (0 if critic_fwd else 2)),
+        hbm_bytes=n_micro_all * (full_w(pb) + logits_io(micro or rows) / 3 * (0 if critic_fwd else 2)),
         loop_trips=L * n_micro_all, out_bytes=device_bytes(rows_args[0]),
         shape=f"{rows} rows × {T}, micro {micro or rows}"))
 

@@ -100,7 +100,7 @@ def _cli(*args):
 
 def test_oversized_config_does_not_fit():
   out = _cli(f"--config={CONFIGS / 'tiny.py'}", "--topology=local", "--steps=prefill",
-             "--config.data.prompts_per_step=4096", "--config.rollout.max_new_tokens=60000")
+             "--config.data.prompts_per_step=4096", "--config.episode.budget=60000")
   assert out.returncode == 1, out.stderr[-2000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("prefill: ")][-1]
   assert line.startswith("prefill: does not fit: needs ") and "try data.prompts_per_step=" in line
