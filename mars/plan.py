@@ -238,7 +238,17 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
   from mars import config as mars_config  # pylint: disable=g-import-not-at-top
   topo = hardware.get(name)
   mesh_shape = check_mesh(c, topo)
-  mars_config.validate(c, len(topo.devices))
+  try:
+    mars_config.validate(c, len(topo.devices))
+  except mars_config.ConfigError as e:
+    rows = mesh_shape[0] * mesh_shape[1]
+    if "divisible by the data×fsdp mesh size" in str(e) and c.rl.micro_batch_size:
+      # The usual case: a micro-batch sized for a smaller slice.
+      raise mars_config.ConfigError(
+          f"{e} On {topo.name}: try --config.rl.micro_batch_size={rows}, or put devices on "
+          f"the tensor axis: --config.mesh_shape=\"(1,{math.gcd(rows, c.rl.micro_batch_size)},-1)\"."
+      ) from None
+    raise
   model_cfg = model_config(c, model_dir)
   mesh = sharding.make_mesh(mesh_shape, devices=topo.devices)
   built, facts = plan_steps.build(c, model_cfg, mesh, prompt_len)
