@@ -1,4 +1,4 @@
-r"""Will a config fit a TPU slice, and how long will a step take? Compiles its steps, allocates nothing.
+r"""Will a config fit a TPU slice, and how long will a step take? Compiles, allocates nothing.
 
     python -m mars.plan --config=configs/lte_8b.py --topology=v5p-64
     python -m mars.plan --config=configs/grpo_4b.py --topology=v5p-8,v6e-8 --json=plan.json
@@ -57,7 +57,8 @@ def find_model_dir(path: str, override: str = None) -> str:
   if os.path.isdir(path):
     return path
   name = path.rstrip("/").split("/")[-1].lower()
-  shared = os.environ.get("MARS_SHARED_DIR", os.path.join(os.path.dirname(_CONFIGS), "..", "shared"))
+  shared = os.environ.get("MARS_SHARED_DIR",
+                          os.path.join(os.path.dirname(_CONFIGS), "..", "shared"))
   for base in (os.path.join(shared, "models"),):
     if os.path.exists(os.path.join(base, name, "config.json")):
       return os.path.join(base, name)
@@ -187,15 +188,17 @@ def suggest(r, c, facts, topo, mesh_shape) -> str:
     if micro > batch_axis and r["temps"] > over:
       tips.append(f"rl.micro_batch_size={max(batch_axis, micro // 2)}")
   else:
-    kv, rows = r["kv_cache"], facts["geometry"]["rows"]
-    if kv + r["temps"] > over and c.data.prompts_per_step > 1:
-      fixed = r["total"] - kv - r["temps"]
-      scale = max((r["capacity"] - fixed) / (kv + r["temps"]), 0.0)
+    rows = facts["geometry"]["rows"]
+    # Everything but the params and the optimizer state scales with the rollout rows.
+    fixed = r["params"] + r["optimizer"]
+    if r["total"] - fixed > over and c.data.prompts_per_step > 1:
+      scale = max((r["capacity"] - fixed) / (r["total"] - fixed), 0.0)
       p = c.data.prompts_per_step
       while p > 1 and p / c.data.prompts_per_step > scale:
         p //= 2
       if p / c.data.prompts_per_step <= scale and p * c.rollout.group_size % batch_axis == 0:
-        tips.append(f"data.prompts_per_step={p} (rollout rows {rows} -> {p * c.rollout.group_size})")
+        tips.append(f"data.prompts_per_step={p} "
+                    f"(rollout rows {rows} -> {p * c.rollout.group_size})")
   if topo.chip is not None:
     need = topo.num_chips * r["total"] / (0.9 * r["capacity"])
     gen = topo.name.split("-")[0]
@@ -246,7 +249,8 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
       # The usual case: a micro-batch sized for a smaller slice.
       raise mars_config.ConfigError(
           f"{e} On {topo.name}: try --config.rl.micro_batch_size={rows}, or put devices on "
-          f"the tensor axis: --config.mesh_shape=\"(1,{math.gcd(rows, c.rl.micro_batch_size)},-1)\"."
+          f"the tensor axis: "
+          f"--config.mesh_shape=\"(1,{math.gcd(rows, c.rl.micro_batch_size)},-1)\"."
       ) from None
     raise
   model_cfg = model_config(c, model_dir)
@@ -265,7 +269,8 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
       r["suggestion"] = suggest(r, c, facts, topo, mesh_shape)
     r["verdict"] = verdict(r)
     results.append(r)
-  out = dict(topology=topo.name, effort=jax.config.jax_exec_time_optimization_effort, devices=len(topo.devices), chips=topo.num_chips,
+  out = dict(topology=topo.name, effort=jax.config.jax_exec_time_optimization_effort,
+             devices=len(topo.devices), chips=topo.num_chips,
              hosts=topo.num_hosts, mesh=dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
              chip=(topo.chip.__dict__ if topo.chip else None), capacity=capacity,
              capacity_source=cap_what, facts=facts, steps=results)
@@ -277,7 +282,8 @@ def format_table(p) -> str:
   chip = p["chip"]
   head = (f"{chip['name']}: {chip['hbm_bytes'] / GIB:.0f} GiB HBM, "
           f"{chip['peak_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bandwidth'] / 1e9:.0f} GB/s "
-          f"per chip" if chip else f"{p['capacity_source']} {p['capacity'] / GIB:.1f} GiB per device")
+          f"per chip" if chip else
+          f"{p['capacity_source']} {p['capacity'] / GIB:.1f} GiB per device")
   mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
   lines = [f"== {p['topology']}: {p['devices']} devices on {p['chips']} chips, {p['hosts']} "
            f"host(s), mesh {mesh} ({head})",
@@ -288,8 +294,10 @@ def format_table(p) -> str:
     t = f"{r['time_s'] * 1e3:8.1f} {r['bound']:7s}" if "time_s" in r else f"{'-':>8s} {'':7s}"
     lines.append(
         f"{r['step']:15s} {g('params'):6.1f} {g('optimizer'):6.1f} {g('kv_cache'):5.1f} "
-        f"{g('temps'):6.1f} {g('other'):5.1f} {g('total'):6.1f} {100 * r['total'] / r['capacity']:4.0f}% | "
-        f"{r['flops'] / 1e12:8.2f}({r['flops_source'][0]}) {r['bytes'] / 1e9:8.2f}({r['bytes_source'][0]}) "
+        f"{g('temps'):6.1f} {g('other'):5.1f} {g('total'):6.1f} "
+        f"{100 * r['total'] / r['capacity']:4.0f}% | "
+        f"{r['flops'] / 1e12:8.2f}({r['flops_source'][0]}) "
+        f"{r['bytes'] / 1e9:8.2f}({r['bytes_source'][0]}) "
         f"{t} {r['compile_s']:6.1f}")
   for r in p["steps"]:
     lines.append(f"  {r['step']}: {r['shape']}; XLA flops/analytic {r['flops_ratio']:.2g} "

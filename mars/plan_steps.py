@@ -196,14 +196,16 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
                                    ("values", state.critic_params, True)):
     if params is None:
       continue
-    fn = step_lib._recompute_fn(model_cfg, mesh, micro, "values" if critic_fwd else "logprobs")  # pylint: disable=protected-access
+    what_fn = "values" if critic_fwd else "logprobs"
+    fn = step_lib._recompute_fn(model_cfg, mesh, micro, what_fn)  # pylint: disable=protected-access
     pb = f["critic"] if critic_fwd else f["params"]
     steps.append(Step(
         what, fn, (params,) + rows_args, {},
         named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
         resident=train_state - pb + f["ref"] + full_batch,
         flops=forward_flops(model_cfg, rows, T, lm_head=not critic_fwd) / ndev,
-        hbm_bytes=n_micro_all * (full_w(pb) + logits_io(micro or rows) / 3 * (0 if critic_fwd else 2)),
+        hbm_bytes=n_micro_all * (full_w(pb)
+                                 + (0 if critic_fwd else logits_io(micro or rows) * 2 / 3)),
         loop_trips=L * n_micro_all, out_bytes=device_bytes(rows_args[0]),
         shape=f"{rows} rows × {T}, micro {micro or rows}"))
 
@@ -217,8 +219,9 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   prefill_args = (rollout_params, _sds((B, P), jnp.int32, two), _sds((B, P), jnp.bool_, two),
                   _sds(key.shape, key.dtype, rep), _sds((B * n,), jnp.int32, one))
   prefill_kw = dict(statics, n=n, cache_len=S, queue_len=QUEUE_LEN, pad_id=0)
-  dstate = jax.eval_shape(functools.partial(engine._prefill, model_cfg, n=n, cache_len=S,  # pylint: disable=protected-access
-                                            queue_len=QUEUE_LEN, pad_id=0), *prefill_args)
+  prefill_fn = functools.partial(engine._prefill, model_cfg, n=n, cache_len=S,  # pylint: disable=protected-access
+                                 queue_len=QUEUE_LEN, pad_id=0)
+  dstate = jax.eval_shape(prefill_fn, *prefill_args)
   sampler = engine.Sampler(model_cfg, mesh=mesh, queue_len=QUEUE_LEN)
   dstate = _abstract(dstate, sampler._state_shardings(dstate))  # pylint: disable=protected-access
   kv = device_bytes((dstate.cache.k, dstate.cache.v))
