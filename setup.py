@@ -1,6 +1,9 @@
 """mars: RL post-training of reasoning LLMs that learn from their own failures."""
 import setuptools
 
+# The jax mars is tested with; the "tpu" extra pins libtpu's jax to it.
+JAX_VERSION = "0.10.2"
+
 setuptools.setup(
     name="mars",
     version="0.1.0",
@@ -29,6 +32,9 @@ setuptools.setup(
     ],
     extras_require={
         # torch is only the HF reference in tests/benchmarks; the CPU build is on disk.
+        # libtpu for mars.plan's TPU topologies (AOT compiles, no TPU needed); libtpu
+        # must match jaxlib, hence the same jax version.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "test": ["torch==2.13.0", "pytest>=8", "scipy", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
     },
 )

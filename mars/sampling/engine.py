@@ -199,6 +199,11 @@ def _jit_loop(params, state, num_steps, temperature, top_p, top_k, *, cfg, mesh,
                         temperature, top_p, top_k)
 
 
+def default_cache_len(prompt_len: int, max_new_tokens: int) -> int:
+  """Sampler.start's cache length: prompt + budget + 1, rounded up to 128 (mars.plan sizes it too)."""
+  return -(-(prompt_len + max_new_tokens + 1) // 128) * 128
+
+
 class Sampler:
   """Compiled rollout engine for one model config (and optional mesh).
 
@@ -305,7 +310,7 @@ class Sampler:
     P = np.asarray(prompt_tokens).shape[1]
     max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (np.asarray(prompt_tokens).shape[0] * n,))
     if cache_len is None:
-      cache_len = -(-(P + distributed.agree_max(int(max_new.max())) + 1) // 128) * 128
+      cache_len = default_cache_len(P, distributed.agree_max(int(max_new.max())))
     self.validate(prompt_tokens, prompt_mask, n, cache_len, sampling)
     params = self._place_params(params)
     prompt_tokens = self._rows_to_device(prompt_tokens, np.int32)

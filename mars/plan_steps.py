@@ -1,0 +1,251 @@
+"""A run's device programs built abstractly for mars.plan: the trainer's own jitted
+functions and sharding rules, fed ShapeDtypeStructs (no weight is allocated).
+
+Each Step holds a lowerable function, its abstract arguments, the per-device
+bytes it keeps besides its arguments (the train state stays in HBM while the
+sampler runs), and an analytic FLOP / HBM-traffic count to check XLA's
+cost_analysis against (XLA counts a loop body once: the layer scan, the
+micro-batch scan and the decode loop).
+"""
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mars import sharding
+from mars.batch import RolloutBatch
+from mars.episodes import multi_attempt, packing
+from mars.models import qwen
+from mars.rl import optim, step as step_lib
+from mars.sampling import engine
+# ---- From mars.train (being split up; repoint these names when it is) --------
+from mars.train import _lazy_imports as _train_lazy_imports
+from mars.train import _optim_cfg, _rl_cfg, fresh_state_abstract, reference_params
+# -------------------------------------------------------------------------------
+
+QUEUE_LEN = 128         # mars.train builds its Sampler with queue_len=128
+FEEDBACK_TOKENS = 64    # a feedback turn, upper estimate (sizes the multi-attempt cache)
+
+
+@dataclasses.dataclass
+class Step:
+  name: str
+  fn: Any                 # a jitted function: fn.lower(*args, **kwargs)
+  args: tuple
+  kwargs: dict
+  named: dict             # per-device bytes by category: params / optimizer / kv_cache
+  resident: float         # per-device bytes held outside this program (not its arguments)
+  flops: float            # analytic, per device
+  hbm_bytes: float        # analytic HBM traffic lower bound, per device
+  ideal_bytes: Optional[float] = None   # decode: params + live KV, each read once
+  loop_trips: int = 1     # iterations of the loops XLA counts once (layers × micro-batches)
+  out_bytes: float = 0    # per-device outputs not aliased to inputs (for a refused compile)
+  shape: str = ""
+
+
+def device_bytes(tree) -> int:
+  """Bytes one device holds of an abstract, sharded pytree (its shard of each leaf)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    try:
+      itemsize = jnp.dtype(x.dtype).itemsize
+    except TypeError:   # PRNG keys
+      itemsize = 8
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    total += math.prod(shape) * itemsize
+  return total
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _sds(shape, dtype, sh):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+
+# ----------------------------------------------------------------------------
+# Analytic counts.
+
+def matmul_params(cfg, lm_head: bool = True) -> int:
+  """Weights that enter a matmul per token (embedding lookups excluded)."""
+  D, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+  return cfg.num_layers * (D * (q + 2 * kv) + q * D + 3 * D * F) + (
+      cfg.vocab_size * D if lm_head else 0)
+
+
+def attention_flops(cfg, rows: int, q_len: int, kv_len: int) -> float:
+  """QKᵀ and PV over every key slot: mars's attention is dense (masked, not skipped)."""
+  return 4.0 * rows * q_len * kv_len * cfg.num_heads * cfg.head_dim * cfg.num_layers
+
+
+def forward_flops(cfg, rows: int, T: int, lm_head: bool = True) -> float:
+  return 2.0 * matmul_params(cfg, lm_head) * rows * T + attention_flops(cfg, rows, T, T)
+
+
+# ----------------------------------------------------------------------------
+# Rollout geometry.
+
+@dataclasses.dataclass
+class Geometry:
+  prompts: int        # prefill rows (one per question)
+  n: int              # rows per prefill row
+  prompt_len: int
+  max_new: int
+  cache_len: int
+  train_len: int      # packed row length T of the update
+  rows: int           # rollout rows
+
+
+def geometry(c, prompt_len: int) -> Geometry:
+  G = c.rollout.group_size
+  if c.episode.kind == "multi_attempt":
+    max_new = c.episode.budget
+    cache_len = multi_attempt.cache_length(prompt_len, c.episode.max_attempts, FEEDBACK_TOKENS,
+                                           c.episode)
+    response = cache_len - prompt_len
+  else:
+    max_new = c.rollout.max_new_tokens
+    cache_len = engine.default_cache_len(prompt_len, max_new)
+    response = max_new
+  return Geometry(prompts=c.data.prompts_per_step, n=G, prompt_len=prompt_len, max_new=max_new,
+                  cache_len=cache_len, train_len=packing.total_length(prompt_len, response),
+                  rows=c.data.prompts_per_step * G)
+
+
+# ----------------------------------------------------------------------------
+# The steps.
+
+def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
+  """(steps, facts) for config `c` on `mesh`; facts are per-device byte counts."""
+  _train_lazy_imports()
+  ndev = mesh.size
+  tensor = sharding.mesh_axis_size(mesh, "tensor")
+  geo = geometry(c, prompt_len)
+  policy_opt = optim.make_optimizer(_optim_cfg(c.actor_optim, c))
+  critic_opt = (optim.make_optimizer(_optim_cfg(c.critic_optim, c))
+                if c.algorithm == "ppo" else None)
+  state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
+  state = _abstract(jax.eval_shape(lambda: fresh_state_abstract(model_cfg, policy_opt, critic_opt)),
+                    state_sh)
+  ref = None
+  if c.rl.kl_coef > 0:
+    ref = _abstract(jax.eval_shape(lambda p: reference_params(model_cfg, p), state.params),
+                    state_sh.params)
+  rollout_params = _abstract(jax.eval_shape(lambda p: qwen.cast_params(p, model_cfg.dtype),
+                                            state.params), state_sh.params)
+  f = dict(params=device_bytes(state.params), critic=device_bytes(state.critic_params),
+           optimizer=device_bytes((state.opt_state, state.critic_opt_state)),
+           ref=device_bytes(ref), rollout_params=device_bytes(rollout_params))
+  train_state = f["params"] + f["critic"] + f["optimizer"]
+
+  T, rows, micro = geo.train_len, geo.rows, c.rl.micro_batch_size or None
+  mb = c.rl.minibatch_size or rows
+  two, one = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+
+  def batch(n):
+    m = lambda dt: _sds((n, T), dt, two)
+    v = lambda dt: _sds((n,), dt, one)
+    return RolloutBatch(
+        tokens=m(jnp.int32), attention_mask=m(jnp.bool_), positions=m(jnp.int32),
+        loss_mask=m(jnp.bool_), transparent_mask=m(jnp.bool_), behaviour_logp=m(jnp.float32),
+        old_logp=m(jnp.float32), ref_logp=m(jnp.float32), values=m(jnp.float32),
+        reward=v(jnp.float32), group_id=v(jnp.int32), is_off_policy=v(jnp.bool_),
+        truncated=v(jnp.bool_), sampler_logp=m(jnp.float32), policy_version=v(jnp.int32))
+
+  full_batch = device_bytes(batch(rows))
+  has_critic = critic_opt is not None
+  L, V, D = model_cfg.num_layers, model_cfg.vocab_size, model_cfg.hidden_size
+  cbytes = jnp.dtype(model_cfg.dtype).itemsize
+  n_micro = mb // (micro or mb)
+  rows_dev = lambda r: r / (ndev // tensor)          # rows over data×fsdp
+  full_w = lambda b: b * ndev / tensor                # FSDP gathers a layer's weights whole
+  logits_io = lambda r: 3 * rows_dev(r) * T * V * 4 / tensor   # write, softmax read, bwd
+  steps = []
+
+  # The update: one optimizer step on one minibatch (actor and critic together).
+  sharding.check_batch(mb, mesh, "minibatch")
+  sharding.check_batch(micro or mb, mesh, "micro_batch_size")
+  train_step = step_lib.make_train_step(model_cfg, _rl_cfg(c), policy_opt, critic_opt, mesh,
+                                        state_sh)
+  passes = 4 if model_cfg.remat else 3     # remat recomputes the forward in the backward
+  flops = passes * forward_flops(model_cfg, mb, T)
+  if has_critic:
+    flops += passes * forward_flops(model_cfg, mb, T, lm_head=False)
+  w = (f["params"] + f["critic"]) / 4 * cbytes      # compute-dtype copy of the masters
+  traffic = (n_micro * (passes * full_w(w) + 2 * (f["params"] + f["critic"])
+                        + logits_io(micro or mb)) + 2 * train_state)
+  steps.append(Step(
+      "update" + ("+critic" if has_critic else ""), train_step.jitted,
+      (state, batch(mb), _sds((mb, T), jnp.float32, two), _sds((mb, T), jnp.float32, two)), {},
+      named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
+      resident=f["ref"] + full_batch, flops=flops / ndev, hbm_bytes=traffic,
+      loop_trips=L * n_micro, shape=f"{mb} rows × {T}, micro {micro or mb}"))
+
+  # Old / reference logprobs (and critic values) over the whole rollout batch.
+  sharding.check_batch(micro or rows, mesh, "micro_batch_size")
+  rows_args = (_sds((rows, T), jnp.int32, two), _sds((rows, T), jnp.bool_, two),
+               _sds((rows, T), jnp.int32, two))
+  n_micro_all = rows // (micro or rows)
+  for what, params, critic_fwd in (("logprob", state.params, False),
+                                   ("values", state.critic_params, True)):
+    if params is None:
+      continue
+    what_fn = "values" if critic_fwd else "logprobs"
+    fn = step_lib._recompute_fn(model_cfg, mesh, micro, what_fn)  # pylint: disable=protected-access
+    pb = f["critic"] if critic_fwd else f["params"]
+    steps.append(Step(
+        what, fn, (params,) + rows_args, {},
+        named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
+        resident=train_state - pb + f["ref"] + full_batch,
+        flops=forward_flops(model_cfg, rows, T, lm_head=not critic_fwd) / ndev,
+        hbm_bytes=n_micro_all * (full_w(pb)
+                                 + (0 if critic_fwd else logits_io(micro or rows) * 2 / 3)),
+        loop_trips=L * n_micro_all, out_bytes=device_bytes(rows_args[0]),
+        shape=f"{rows} rows × {T}, micro {micro or rows}"))
+
+  # The sampler: prefill B prompts (fanned out to B·n rows), then one decode step.
+  P, S, B, n = geo.prompt_len, geo.cache_len, geo.prompts, geo.n
+  sharding.check_batch(B, mesh, "prompt batch")
+  sharding.check_batch(B * n, mesh, "rollout batch (prompts × n)")
+  rep = sharding.replicated(mesh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  statics = dict(cfg=model_cfg, mesh=mesh)
+  prefill_args = (rollout_params, _sds((B, P), jnp.int32, two), _sds((B, P), jnp.bool_, two),
+                  _sds(key.shape, key.dtype, rep), _sds((B * n,), jnp.int32, one))
+  prefill_kw = dict(statics, n=n, cache_len=S, queue_len=QUEUE_LEN, pad_id=0)
+  prefill_fn = functools.partial(engine._prefill, model_cfg, n=n, cache_len=S,  # pylint: disable=protected-access
+                                 queue_len=QUEUE_LEN, pad_id=0)
+  dstate = jax.eval_shape(prefill_fn, *prefill_args)
+  sampler = engine.Sampler(model_cfg, mesh=mesh, queue_len=QUEUE_LEN)
+  dstate = _abstract(dstate, sampler._state_shardings(dstate))  # pylint: disable=protected-access
+  kv = device_bytes((dstate.cache.k, dstate.cache.v))
+  prompt_kv = kv * P / S / n
+  sampler_resident = train_state + f["ref"]
+  sampler_named = dict(params=f["params"] + f["critic"] + f["ref"] + f["rollout_params"],
+                       optimizer=f["optimizer"], kv_cache=kv)
+  prefill_flops = (2.0 * matmul_params(model_cfg, lm_head=False) * B * P
+                   + attention_flops(model_cfg, B, P, P) + 2.0 * V * D * B)
+  steps.append(Step(
+      "prefill", engine._jit_prefill, prefill_args, prefill_kw,  # pylint: disable=protected-access
+      named=sampler_named, resident=sampler_resident, flops=prefill_flops / ndev,
+      hbm_bytes=full_w(f["rollout_params"]) + prompt_kv + kv, loop_trips=L,
+      out_bytes=device_bytes(dstate),
+      shape=f"{B} prompts × {P} -> {B * n} rows, cache {S}"))
+  scalar = lambda dt: _sds((), dt, rep)
+  decode_args = (rollout_params, dstate, scalar(jnp.int32), scalar(jnp.float32),
+                 scalar(jnp.float32), scalar(jnp.int32))
+  ideal = full_w(f["rollout_params"]) + kv
+  steps.append(Step(
+      "decode", engine._jit_loop, decode_args,  # pylint: disable=protected-access
+      dict(statics, stop_ids=(-1,), pad_id=0), named=sampler_named, resident=sampler_resident,
+      flops=(2.0 * matmul_params(model_cfg) * B * n + attention_flops(model_cfg, B * n, 1, S))
+      / ndev, hbm_bytes=ideal, ideal_bytes=ideal, loop_trips=L,
+      shape=f"{B * n} rows, cache {S} (one token)"))
+  facts = dict(f, kv_cache=kv, train_state=train_state, geometry=dataclasses.asdict(geo))
+  return steps, facts

@@ -1,0 +1,129 @@
+"""mars.plan: memory figures agree with the config's shapes and with a real compiled
+step; an oversized config gets a "does not fit" line and a nonzero exit; bad input
+gets one error line."""
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mars import config as mars_config
+from mars import hardware, plan, sharding
+from mars.models import qwen
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def tiny():
+  return mars_config.load_config_file(str(CONFIGS / "tiny.py"))
+
+
+def expected_param_bytes(model_cfg, mesh) -> int:
+  """fp32 params per device, from the shapes and the logical rules' divisors."""
+  total = 0
+  axes = jax.tree.leaves(qwen.param_axes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
+  shapes = jax.tree.leaves(qwen.param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))
+  for ax, shape in zip(axes, shapes):
+    div = 1
+    for a, dim in zip(ax, shape):
+      size = sharding.mesh_axis_size(mesh, sharding.LOGICAL_RULES.get(a))
+      div *= size if dim % size == 0 else 1
+    total += math.prod(shape) * 4 // div
+  return total
+
+
+def test_tpu_plan_memory_matches_shapes():
+  if not hardware.has_libtpu():
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU topologies to plan.")
+  c = tiny()
+  # effort=-1: a ~3x faster TPU compile; the figures checked here do not depend on it.
+  p = plan.plan_topology(c, "v5p-8", steps=("update",), log=lambda s: None, effort=-1.0)
+  assert p["devices"] == 4 and p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  r = p["steps"][0]
+  model_cfg = plan.model_config(c)
+  mesh = sharding.make_mesh((1, 4, 1), devices=hardware.get("v5p-8").devices)
+  params = expected_param_bytes(model_cfg, mesh)
+  assert params < model_cfg.num_params() * 4          # it is sharded
+  assert r["params"] == params == p["facts"]["params"]
+  # Adam: mu and nu like the params, plus a few replicated int32 step counters.
+  assert 0 <= r["optimizer"] - 2 * params <= 64
+  # The compiled program's arguments hold the train state and the minibatch; TPU
+  # layouts pad minor dims to (8, 128) tiles, which inflates this tiny model's.
+  assert r["xla"]["arguments"] >= r["params"] + r["optimizer"]
+  assert r["capacity"] == 95 * 2 ** 30 and r["fits"] and r["verdict"].startswith("fits, ")
+  assert r["time_s"] > 0 and r["flops_source"] == "analytic"   # the layer scan counted once
+
+
+def test_local_plan_matches_real_compiled_step():
+  from mars import train
+  from mars.rl import optim, step as step_lib
+  c = tiny()
+  p = plan.plan_topology(c, "local", steps=("update",), log=lambda s: None)
+  r = p["steps"][0]
+  assert p["devices"] == jax.device_count()
+  # A real state on the same mesh, compiled through the same train step.
+  train._lazy_imports()
+  model_cfg = plan.model_config(c)
+  mesh = sharding.make_mesh(tuple(c.mesh_shape))
+  policy_opt = optim.make_optimizer(train._optim_cfg(c.actor_optim, c))
+  state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt)
+  params = qwen.init_params(model_cfg, jax.random.key(0))
+  state = jax.device_put(step_lib.init_train_state(params, policy_opt), state_sh)
+  real = sum(x.addressable_shards[0].data.nbytes
+             for x in jax.tree.leaves((state.params, state.opt_state)))
+  assert real == r["params"] + r["optimizer"]
+  mb, T = c.rl.minibatch_size, p["facts"]["geometry"]["train_len"]
+  from mars.batch import empty_batch
+  batch = jax.device_put(empty_batch(mb, T), step_lib.batch_shardings(mesh))
+  zeros = jax.device_put(jnp.zeros((mb, T), jnp.float32), sharding.batch_sharding(mesh, 2))
+  train_step = step_lib.make_train_step(model_cfg, train._rl_cfg(c), policy_opt, None, mesh,
+                                        state_sh)
+  mem = train_step.jitted.lower(state, batch, zeros, zeros).compile().memory_analysis()
+  assert r["xla"]["temps"] == mem.temp_size_in_bytes
+  assert r["xla"]["arguments"] == mem.argument_size_in_bytes
+  modeled = r["total"] - r["other"]  # params + optimizer + temps (+ code)
+  assert modeled <= mem.argument_size_in_bytes + mem.temp_size_in_bytes + (
+      mem.output_size_in_bytes - mem.alias_size_in_bytes) + mem.generated_code_size_in_bytes
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, "-m", "mars.plan", *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_oversized_config_does_not_fit():
+  out = _cli(f"--config={CONFIGS / 'tiny.py'}", "--topology=local", "--steps=prefill",
+             "--config.data.prompts_per_step=4096", "--config.episode.budget=60000")
+  assert out.returncode == 1, out.stderr[-2000:]
+  line = [l for l in out.stdout.splitlines() if l.startswith("prefill: ")][-1]
+  assert line.startswith("prefill: does not fit: needs ") and "try data.prompts_per_step=" in line
+
+
+def test_unknown_topology_is_one_error_line():
+  out = _cli(f"--config={CONFIGS / 'tiny.py'}", "--topology=v5p-7")
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("mars.plan: error: unknown topology 'v5p-7'; known: local, ")
+  assert "v5p-64" in last and "v6e-8" in last
+
+
+def test_mesh_that_does_not_divide_names_the_axis():
+  c = tiny()
+  c.mesh_shape = (1, 3, 1)
+  with pytest.raises(plan.PlanError, match=r"axis fsdp=3 does not divide the 8 devices of local"):
+    plan.plan_topology(c, "local", log=lambda s: None)
+  with pytest.raises(hardware.TopologyError, match="unknown topology 'tpu-8'"):
+    hardware.parse_names("v5p-8,tpu-8")
+
+
+def test_topology_names():
+  assert hardware.parse_names("v5p-8, v6e-8") == ["v5p-8", "v6e-8"]
+  assert hardware.TOPOLOGIES["v5p-64"] == ("v5p", "2x4x4")
+  assert np.isclose(hardware.CHIPS["v6e"].peak_flops, 918e12)
