@@ -7,7 +7,7 @@ r"""Will a config fit a TPU slice, and how long will a step take? Compiles, allo
 For each topology the update step (actor, and critic when the config has one),
 the logprob recompute, and the sampler's prefill and one decode step are
 lowered with abstract inputs through the trainer's own functions and sharding
-rules (mars/plan_steps.py), compiled for the topology's devices (TPU names
+rules (mars/trainer/plan_steps.py), compiled for the topology's devices (TPU names
 need libtpu: pip install -e ".[tpu]"), and reported per device: HBM by
 category against the chip's capacity, FLOPs and bytes, a modeled time, and a
 verdict. docs/plan.md explains every figure. Exit status: 0 when every step
@@ -21,9 +21,15 @@ import sys
 import time
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from mars import hardware
+from mars import config as mars_config
+from mars import demo, hardware, models, sharding
+from mars.config import ConfigError
+from mars.models import UnsupportedConfigError
+from mars.sharding import ShardingError
+from mars.trainer import plan_steps
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -42,7 +48,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("model_dir", None, "Directory with the model's config.json "
                       "(default: model.path, ../shared/models/<name>, or the HF hub).")
 
-DEMO_VOCAB = 512          # demo_task.build_tokenizer's vocab cap (the real one is a little smaller)
+DEMO_VOCAB = 512          # mars.demo.build_tokenizer's vocab cap (the real one is a little smaller)
 GIB = 2 ** 30
 
 
@@ -71,13 +77,11 @@ def find_model_dir(path: str, override: str = None) -> str:
 
 
 def model_config(c, model_dir: str = None):
-  from mars import models  # pylint: disable=g-import-not-at-top
   dtype, compute = c.model.dtype, c.model.compute_dtype or c.model.dtype
   if c.model.path:
     return models.load_config(find_model_dir(c.model.path, model_dir), param_dtype=dtype,
                               dtype=compute, remat=c.model.remat)
-  from mars import demo_task  # pylint: disable=g-import-not-at-top
-  return demo_task.tiny_model_config(DEMO_VOCAB).replace(param_dtype=dtype, dtype=compute,
+  return demo.tiny_model_config(DEMO_VOCAB).replace(param_dtype=dtype, dtype=compute,
                                                          remat=c.model.remat)
 
 
@@ -110,7 +114,6 @@ def _capacity(topo):
 
 def analyze(step, topo, capacity) -> dict:
   """Compiles one step; its per-device memory, cost and modeled time."""
-  import jax  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   try:
     compiled = step.fn.lower(*step.args, **step.kwargs).compile()
@@ -163,7 +166,6 @@ def _oom_figures(message: str, step) -> dict:
   not temporaries alone) or ("Used 120.5G of 95.74G hbm"); the arguments and
   outputs come from the abstract shapes, the temporaries are the rest.
   """
-  from mars import plan_steps  # pylint: disable=g-import-not-at-top
   if "RESOURCE_EXHAUSTED" not in message:
     raise PlanError(f"{step.name}: compile failed: {message.splitlines()[0][:300]}")
   num = lambda m: float(m.group(1)) * _UNITS[m.group(2)]
@@ -224,7 +226,6 @@ def verdict(r) -> str:
 def plan_topology(c, name: str, prompt_len: int = None, model_dir: str = None,
                   steps=None, log=print, effort: float = 0.0) -> dict:
   """Plans config `c` on topology `name`; returns the JSON-able result."""
-  import jax  # pylint: disable=g-import-not-at-top
   before = jax.config.jax_exec_time_optimization_effort
   jax.config.update("jax_exec_time_optimization_effort", effort)
   try:
@@ -236,9 +237,6 @@ def plan_topology(c, name: str, prompt_len: int = None, model_dir: str = None,
 def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
   # SimpleRL prompts bucket to 1024 columns in a 128-prompt batch; the demo's are short.
   prompt_len = prompt_len or (1024 if c.model.path else 64)
-  import jax  # pylint: disable=g-import-not-at-top
-  from mars import sharding, plan_steps  # pylint: disable=g-import-not-at-top
-  from mars import config as mars_config  # pylint: disable=g-import-not-at-top
   topo = hardware.get(name)
   mesh_shape = check_mesh(c, topo)
   try:
@@ -315,9 +313,6 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   spec = FLAGS.topology or ("v5p-8" if hardware.has_libtpu() else hardware.LOCAL)
-  from mars.config import ConfigError  # pylint: disable=g-import-not-at-top
-  from mars.models import UnsupportedConfigError  # pylint: disable=g-import-not-at-top
-  from mars.sharding import ShardingError  # pylint: disable=g-import-not-at-top
   plans, t0 = [], time.perf_counter()
   try:
     names = hardware.parse_names(spec)

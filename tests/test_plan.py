@@ -61,17 +61,16 @@ def test_tpu_plan_memory_matches_shapes():
 
 
 def test_local_plan_matches_real_compiled_step():
-  from mars import train
   from mars.rl import optim, step as step_lib
+  from mars.trainer import run_state
   c = tiny()
   p = plan.plan_topology(c, "local", steps=("update",), log=lambda s: None)
   r = p["steps"][0]
   assert p["devices"] == jax.device_count()
   # A real state on the same mesh, compiled through the same train step.
-  train._lazy_imports()
   model_cfg = plan.model_config(c)
   mesh = sharding.make_mesh(tuple(c.mesh_shape))
-  policy_opt = optim.make_optimizer(train._optim_cfg(c.actor_optim, c))
+  policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
   state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt)
   params = qwen.init_params(model_cfg, jax.random.key(0))
   state = jax.device_put(step_lib.init_train_state(params, policy_opt), state_sh)
@@ -82,7 +81,7 @@ def test_local_plan_matches_real_compiled_step():
   from mars.batch import empty_batch
   batch = jax.device_put(empty_batch(mb, T), step_lib.batch_shardings(mesh))
   zeros = jax.device_put(jnp.zeros((mb, T), jnp.float32), sharding.batch_sharding(mesh, 2))
-  train_step = step_lib.make_train_step(model_cfg, train._rl_cfg(c), policy_opt, None, mesh,
+  train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt, None, mesh,
                                         state_sh)
   mem = train_step.jitted.lower(state, batch, zeros, zeros).compile().memory_analysis()
   assert r["xla"]["temps"] == mem.temp_size_in_bytes

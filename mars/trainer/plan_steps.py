@@ -21,12 +21,9 @@ from mars.episodes import multi_attempt, packing
 from mars.models import qwen
 from mars.rl import optim, step as step_lib
 from mars.sampling import engine
-# ---- From mars.train (being split up; repoint these names when it is) --------
-from mars.train import _lazy_imports as _train_lazy_imports
-from mars.train import _optim_cfg, _rl_cfg, fresh_state_abstract, reference_params
-# -------------------------------------------------------------------------------
+from mars.trainer import run_state
 
-QUEUE_LEN = 128         # mars.train builds its Sampler with queue_len=128
+QUEUE_LEN = run_state.SAMPLER_QUEUE_LEN  # the trainer's Sampler
 FEEDBACK_TOKENS = 64    # a feedback turn, upper estimate (sizes the multi-attempt cache)
 
 
@@ -123,19 +120,18 @@ def geometry(c, prompt_len: int) -> Geometry:
 
 def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   """(steps, facts) for config `c` on `mesh`; facts are per-device byte counts."""
-  _train_lazy_imports()
   ndev = mesh.size
   tensor = sharding.mesh_axis_size(mesh, "tensor")
   geo = geometry(c, prompt_len)
-  policy_opt = optim.make_optimizer(_optim_cfg(c.actor_optim, c))
-  critic_opt = (optim.make_optimizer(_optim_cfg(c.critic_optim, c))
+  policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
+  critic_opt = (optim.make_optimizer(run_state.optim_config(c.critic_optim, c))
                 if c.algorithm == "ppo" else None)
   state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
-  state = _abstract(jax.eval_shape(lambda: fresh_state_abstract(model_cfg, policy_opt, critic_opt)),
+  state = _abstract(jax.eval_shape(lambda: run_state.abstract_train_state(model_cfg, policy_opt, critic_opt)),
                     state_sh)
   ref = None
   if c.rl.kl_coef > 0:
-    ref = _abstract(jax.eval_shape(lambda p: reference_params(model_cfg, p), state.params),
+    ref = _abstract(jax.eval_shape(lambda p: run_state.reference_params(model_cfg, p), state.params),
                     state_sh.params)
   rollout_params = _abstract(jax.eval_shape(lambda p: qwen.cast_params(p, model_cfg.dtype),
                                             state.params), state_sh.params)
@@ -171,7 +167,7 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   # The update: one optimizer step on one minibatch (actor and critic together).
   sharding.check_batch(mb, mesh, "minibatch")
   sharding.check_batch(micro or mb, mesh, "micro_batch_size")
-  train_step = step_lib.make_train_step(model_cfg, _rl_cfg(c), policy_opt, critic_opt, mesh,
+  train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt, critic_opt, mesh,
                                         state_sh)
   passes = 4 if model_cfg.remat else 3     # remat recomputes the forward in the backward
   flops = passes * forward_flops(model_cfg, mb, T)
