@@ -60,10 +60,15 @@ cores; the README's demo section has the figures):
       (seed 0), greedy accuracy with 3 / 4 attempts was 0.91 / 0.94 against
       0.81 / 0.85 at a constant lr (probably: the decay lets the policy settle on the
       non-repetition it has found instead of moving on at full lr).
-  train.steps = 140: what fits the ~10 min budget (3.2 s per step after a
-      79 s warm start; 548 s in all). Accuracy with 1..4 attempts is then
-      0.34/0.71/0.90/0.91 (seed 1: 0.33/0.70/0.91/0.91) against the ceiling
-      0.33/0.67/1/1 (README, benchmarks/results/demo_cpu*.json).
+  train.steps = 80, sft.steps = 200: the 6-minute target (issue #23), from the
+      idle per-step figures (3.2 s a step, ~0.26 s an SFT step). In a CI run
+      under load (3-4x slower: 15.8 min) held-out accuracy with 1..4 attempts
+      went from 0.30/0.44/0.51/0.52 after the warm start to 0.26/0.56/0.68/0.73
+      (128 problems, greedy), train reward 0.26 -> 0.47 (first / last 10 steps).
+      The old 140 steps after 300 SFT steps (~10 min) reached 0.34/0.71/0.90/0.91
+      (seed 1: 0.33/0.70/0.91/0.91) against the ceiling 0.33/0.67/1/1
+      (docs/experiments.md, benchmarks/results/demo_cpu*.json): run
+      --config.train.steps=140 --config.sft.steps=300 for that.
 """
 from mars import config as mars_config
 
