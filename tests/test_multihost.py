@@ -24,7 +24,9 @@ FLAGS = [f"--config.train.steps={STEPS}", "--config.sft.steps=40",
          "--config.train.grader_workers=1",
          # Soft punishment past 30 - 24 = 6 model tokens: every episode that
          # needed a second attempt is shaped.
-         "--config.rl.overlong_buffer=24"]
+         "--config.rl.overlong_buffer=24",
+         # Training only: the demo's before/after held-out eval is not what this compares.
+         "--config.train.eval_before=False", "--config.train.eval_every=0"]
 
 
 def _env(devices, **extra):
