@@ -370,7 +370,9 @@ def test_bad_checkpoints_give_clear_errors(tiny_qwen2, tmp_path):
     mm.load_hf(str(wrong))
 
 
-def test_import_is_fast():
-  code = "import time; t=time.time(); import mars; print(time.time()-t)"
+def test_import_mars_does_not_import_jax():
+  # `import mars` stays cheap because submodules load lazily: checked by what the
+  # import pulls in, not by a wall-clock bound that a loaded machine can break.
+  code = "import sys, mars; print(sorted(m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert float(out.stdout) < 3.0
+  assert out.stdout.strip() == "[]"

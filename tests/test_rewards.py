@@ -102,12 +102,16 @@ def test_extract_boxed(text, expected):
 
 
 def test_extract_boxed_is_linear_on_100kb():
+  # A complexity guard, not a speed test: a linear scan takes milliseconds here,
+  # while a rescan per unclosed brace (quadratic, ~2.4e9 character steps on this
+  # input) or a backtracking regex takes far longer than the bound, however
+  # loaded the machine is. Speed itself is measured in benchmarks/grade.py.
   text = "\\boxed{" + "\\frac{" * 20000  # 120 kB, never closes
   start = time.perf_counter()
   assert rewards.extract_boxed(text) is None
   assert rewards.extract_boxed("\\boxed{1} " * 10000 + "\\boxed{2}") == "2"
   assert rewards.extract_boxes("\\boxed{1}, " * 10000 + "\\boxed{2}") == ["1"] * 10000 + ["2"]
-  assert time.perf_counter() - start < 1.0
+  assert time.perf_counter() - start < 60.0
 
 
 def test_extract_boxes():
