@@ -42,11 +42,11 @@ PRESETS = {
                                  num_hidden_layers=4, num_attention_heads=8,
                                  num_key_value_heads=2, tie_word_embeddings=True,
                                  rope_theta=10000.0),  # mars needs it explicit; torch's default
-                      param_dtype="float32", compute_dtype="float32", remat=False,
+                      param_dtype="float32", compute_dtype="float32", remat="none",
                       batch=8, seq_len=256, micro_batch=8, steps=5),
     # Qwen2.5-1.5B shape, fp32 master weights + bf16 compute (both sides), 4k tokens/row.
     "gpu-1.5b": dict(model=QWEN25_15B, param_dtype="float32", compute_dtype="bfloat16",
-                     remat=True, batch=8, seq_len=4096, micro_batch=2, steps=5),
+                     remat="full", batch=8, seq_len=4096, micro_batch=2, steps=5),
 }
 OPT = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 PROMPT_FRACTION = 0.25  # the first quarter of each row is "prompt" (not in the loss).
@@ -110,7 +110,7 @@ def setup_torch(preset, data, model_dict):
   cfg = transformers.Qwen2Config(max_position_embeddings=max(4096, preset["seq_len"]),
                                  attn_implementation="sdpa", use_cache=False, **model_dict)
   model = transformers.Qwen2ForCausalLM(cfg).to(dev, dtype=getattr(torch, preset["param_dtype"]))
-  if preset["remat"]:  # per-layer recompute, as mars' cfg.remat
+  if preset["remat"] != "none":  # per-layer recompute, as mars' remat="full"
     enable = (getattr(model, "activation_checkpointing_enable", None) or
               model.gradient_checkpointing_enable)
     enable()

@@ -16,7 +16,7 @@ def get_config():
   c.model.path = "Qwen/Qwen3-4B-Base"
   c.model.dtype = "float32"          # fp32 master params and Adam state
   c.model.compute_dtype = "bfloat16"  # bf16 forward/backward and rollout copy
-  c.model.remat = True
+  c.model.remat = "full"
   c.data.name = "simplerl_math_l3to5"
   c.data.prompts_per_step = 128
   c.rollout.group_size = 8

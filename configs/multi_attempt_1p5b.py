@@ -103,7 +103,7 @@ def get_config():
   c.model.path = "Qwen/Qwen2.5-Math-1.5B"
   c.model.dtype = "float32"          # fp32 master params and Adam state
   c.model.compute_dtype = "bfloat16"  # bf16 forward/backward and rollout copy
-  c.model.remat = True
+  c.model.remat = "full"
   c.data.name = "simplerl_math_l3to5"
   c.data.prompts_per_step = 1024
   c.rollout.group_size = 1

@@ -8,6 +8,7 @@ import math
 import ml_collections
 
 from mars.episodes.attempts import ATTEMPT_ENDS
+from mars.models.config import REMAT_POLICIES
 from mars.rewards import BOXES
 
 ALGORITHMS = ("ppo", "grpo", "dapo")
@@ -35,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   # below half an ulp and rounds away: most weights never move. Only for
   # memory experiments at large lr.
   c.model.allow_low_precision_params = False
-  c.model.remat = False
+  c.model.remat = "none"          # none | full | dots (models.config.REMAT_POLICIES)
   c.model.tokenizer_path = ""     # "" = model.path (or the demo tokenizer)
 
   c.data = ml_collections.ConfigDict()
@@ -269,6 +270,8 @@ def validate(c, num_devices: int = None) -> None:
   """One clear error line per problem, before any compile."""
   if c.algorithm not in ALGORITHMS:
     raise ConfigError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
+  if c.model.remat not in REMAT_POLICIES:
+    raise ConfigError(f"Unknown model.remat {c.model.remat!r}; choose one of {REMAT_POLICIES}.")
   if c.episode.kind not in EPISODE_KINDS:
     raise ConfigError(f"Unknown episode.kind {c.episode.kind!r}; choose one of {EPISODE_KINDS}.")
   if c.rl.adv_estimator not in ADV_ESTIMATORS:

@@ -184,8 +184,8 @@ def suggest(r, c, facts, topo, mesh_shape) -> str:
   over, tips = r["total"] - r["capacity"], []
   batch_axis = mesh_shape[0] * mesh_shape[1]
   if r["step"].startswith(("update", "logprob", "values")):
-    if not c.model.remat:
-      tips.append("model.remat=True")
+    if c.model.remat != "full":
+      tips.append("model.remat=full")
     micro = c.rl.micro_batch_size or c.rl.minibatch_size or facts["geometry"]["rows"]
     if micro > batch_axis and r["temps"] > over:
       tips.append(f"rl.micro_batch_size={max(batch_axis, micro // 2)}")

@@ -74,6 +74,7 @@ def test_tiny_config_validates():
     (dict(eval=dict(attempt_end="first")), "Unknown eval.attempt_end 'first'"),
     (dict(train=dict(grader_boxes="first")), "Unknown train.grader_boxes 'first'"),
     (dict(model=dict(dtype="bfloat16")), "model.dtype='bfloat16' stores the trained params"),
+    (dict(model=dict(remat="partial")), r"Unknown model.remat 'partial'; choose one of \('none', 'full', 'dots'\)"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
   c = load("tiny")

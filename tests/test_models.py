@@ -376,3 +376,36 @@ def test_import_mars_does_not_import_jax():
   code = "import sys, mars; print(sorted(m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_remat_policies_match_hf_gradient_and_cut_memory(tiny_qwen3):
+  """Each model.remat policy gives HF's gradient (torch autograd, the reference),
+  and keeping less costs less: temporaries full < dots <= none."""
+  path, hf_model = tiny_qwen3
+  cfg, params = mm.load_hf(path)
+  tokens, mask, positions = _padded_batch(cfg.vocab_size, T=32)
+  target_mask = mask[:, 1:] & mask[:, :-1]
+
+  def loss(params, cfg):
+    logp = jax.nn.log_softmax(mm.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(mask),
+                                         jnp.asarray(positions)))
+    picked = jnp.take_along_axis(logp[:, :-1], jnp.asarray(tokens)[:, 1:, None], -1)[..., 0]
+    return jnp.sum(jnp.where(target_mask, picked, 0.0))
+
+  hf_model.zero_grad()
+  logits = hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+                    position_ids=torch.tensor(positions)).logits.float()
+  picked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, torch.tensor(tokens)[:, 1:, None])[..., 0]
+  (picked * torch.tensor(target_mask)).sum().backward()
+  ref = hf_model.model.embed_tokens.weight.grad.numpy()
+  assert np.abs(ref).max() > 1e-3
+  temps = {}
+  for policy in ("none", "full", "dots"):
+    pcfg = cfg.replace(remat=policy)
+    grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
+    grads = grad_fn(params, pcfg)
+    np.testing.assert_allclose(np.asarray(grads["embed"]), ref, atol=2e-4, rtol=1e-4)
+    temps[policy] = grad_fn.lower(params, pcfg).compile().memory_analysis().temp_size_in_bytes
+  assert temps["full"] < temps["dots"] <= temps["none"], temps
+  with pytest.raises(ValueError, match="unknown remat policy 'True'"):
+    jax.grad(loss)(params, cfg.replace(remat="True"))

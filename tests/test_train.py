@@ -65,6 +65,15 @@ def test_sigkill_and_resume_is_exact(straight_run, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   _train(workdir)  # same workdir: resumes from the newest readable checkpoint
+  # The train step compiled once per batch shape, in the straight run and on both
+  # sides of the kill (a state that changed dtype after step 1 would compile the
+  # same shape again).
+  for run in (straight_run, workdir):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      rows = [json.loads(l) for l in f if l.strip()]
+    counts = [(r["compile_count/train_step"], r["compile_count/train_step_shapes"])
+              for r in rows if r["step"] > 0]
+    assert len(counts) >= 6 and all(n == shapes >= 1 for n, shapes in counts), counts
   straight, resumed = _metrics(straight_run), _metrics(workdir)
   assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
   # The eval before RL (step 0) survives the kill, and so do the evals it matches.

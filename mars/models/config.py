@@ -5,6 +5,7 @@ import os
 from typing import Optional
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,11 @@ class ModelConfig:
   max_position_embeddings: int = 32768
   param_dtype: str = "float32"
   dtype: str = "float32"      # compute dtype of activations.
-  remat: bool = False         # rematerialize each layer in the backward pass.
+  # What each layer keeps for the backward pass (REMAT_POLICIES): "none" keeps
+  # every activation, "full" keeps only the layer input and recomputes the
+  # layer, "dots" keeps the weight matmuls' outputs and recomputes the rest
+  # (attention scores, norms, activations).
+  remat: str = "none"
   # Logits are returned in fp32: RL needs exact log-probabilities.
   logits_dtype: str = "float32"
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mars import sharding
-from mars.models.config import ModelConfig
+from mars.models.config import REMAT_POLICIES, ModelConfig
 
 Params = Any
 _NEG_INF = -1e30  # finite so fully-masked (padding) queries stay NaN-free.
@@ -264,6 +264,17 @@ def _final(cfg, params, h, return_hidden):
 # ----------------------------------------------------------------------------
 # Full-sequence forward (training, logprob recompute).
 
+def remat_layer(layer, policy: str):
+  """`layer` under the named rematerialisation policy (ModelConfig.remat)."""
+  if policy == "none":
+    return layer
+  if policy == "full":
+    return jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+  if policy == "dots":  # weight matmuls have no batch dims; attention's einsums do
+    return jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}.")
+
+
 def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
             positions=None, *, return_hidden: bool = False):
   """Logits [B, T, V] (or final hidden states [B, T, D]) for a padded batch.
@@ -284,8 +295,7 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
     q, k, v = _layer_qkv(cfg, lp, x, positions)
     return _layer_out(cfg, lp, h, attention(q, k, v, mask, cfg)), None
 
-  if cfg.remat:
-    layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+  layer = remat_layer(layer, cfg.remat)
   h, _ = jax.lax.scan(layer, _embed(cfg, params, tokens), params["layers"])
   return _final(cfg, params, h, return_hidden)
 

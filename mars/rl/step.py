@@ -317,6 +317,9 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
                     state_shardings: Optional[TrainState] = None):
   """Jitted `fn(state, batch, advantages [B,T], returns [B,T]) -> (state, metrics)`.
 
+  `fn.traces` lists the batch shapes of every compile of this step (log its
+  length; a repeated entry is a recompile), `fn.jitted` is the jax.jit object.
+
   One optimizer update per call (gradient accumulation inside). The state is
   donated. With a mesh, params and optimizer state follow `state_shardings`
   (default: `train_state_shardings`), batch rows go over data×fsdp, metrics are
@@ -325,8 +328,14 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
   `skipped_updates` counts it.
   """
   opts = _loss_options(rl_cfg)
+  # One entry per trace (= per compile) of this step: the batch shapes it was
+  # traced for. A shape traced twice means the state's tree, dtypes or layout
+  # changed between calls (e.g. Adam's mu coming back in another dtype): a
+  # silent recompile, and donation that reuses nothing.
+  traces = []
 
   def step(state: TrainState, batch: RolloutBatch, advantages, returns):
+    traces.append(tuple(x.shape for x in jax.tree.leaves(batch)))
     with sharding.use_mesh(mesh):
       has_critic = state.critic_params is not None
       p_loss, p_grads, c_loss, c_grads, metrics = accumulate_gradients(
@@ -359,7 +368,13 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
       return new_state, metrics
 
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
+    jitted = jax.jit(step, donate_argnums=0)
+
+    def unchecked(state, batch, advantages, returns):
+      return jitted(state, batch, advantages, returns)
+
+    unchecked.jitted, unchecked.traces = jitted, traces
+    return unchecked
   if state_shardings is None:
     state_shardings = train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
   rows = sharding.batch_sharding(mesh, 2)
@@ -379,7 +394,7 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
                                                 (batch_sh, rows, rows))
     return jitted(state, batch, advantages, returns)
 
-  checked.jitted = jitted
+  checked.jitted, checked.traces = jitted, traces
   return checked
 
 

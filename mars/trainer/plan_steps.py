@@ -169,7 +169,7 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   sharding.check_batch(micro or mb, mesh, "micro_batch_size")
   train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt, critic_opt, mesh,
                                         state_sh)
-  passes = 4 if model_cfg.remat else 3     # remat recomputes the forward in the backward
+  passes = 3 if model_cfg.remat == "none" else 4     # remat recomputes the forward in the backward
   flops = passes * forward_flops(model_cfg, mb, T)
   if has_critic:
     flops += passes * forward_flops(model_cfg, mb, T, lm_head=False)
