@@ -8,7 +8,7 @@ import math
 import ml_collections
 
 from mars.episodes.attempts import ATTEMPT_ENDS
-from mars.models.config import REMAT_POLICIES
+from mars.models.config import ATTENTION_KINDS, REMAT_POLICIES
 from mars.rewards import BOXES
 
 ALGORITHMS = ("ppo", "grpo", "dapo")
@@ -37,6 +37,11 @@ def default_config() -> ml_collections.ConfigDict:
   # memory experiments at large lr.
   c.model.allow_low_precision_params = False
   c.model.remat = "none"          # none | full | dots (models.config.REMAT_POLICIES)
+  # Attention of the update / log-prob forward: "dense" ([T, T] scores) or
+  # "chunked" (flash attention in XLA, models/flash.py: O(T) memory, causal
+  # blocks skipped). The sampler's cached attention is not affected.
+  c.model.attention = "dense"
+  c.model.attention_block = 512   # query/key block of "chunked"
   c.model.tokenizer_path = ""     # "" = model.path (or the demo tokenizer)
 
   c.data = ml_collections.ConfigDict()
@@ -272,6 +277,11 @@ def validate(c, num_devices: int = None) -> None:
     raise ConfigError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
   if c.model.remat not in REMAT_POLICIES:
     raise ConfigError(f"Unknown model.remat {c.model.remat!r}; choose one of {REMAT_POLICIES}.")
+  if c.model.attention not in ATTENTION_KINDS:
+    raise ConfigError(f"Unknown model.attention {c.model.attention!r}; choose one of "
+                      f"{ATTENTION_KINDS}.")
+  if c.model.attention_block < 1:
+    raise ConfigError(f"model.attention_block must be >= 1, got {c.model.attention_block}.")
   if c.episode.kind not in EPISODE_KINDS:
     raise ConfigError(f"Unknown episode.kind {c.episode.kind!r}; choose one of {EPISODE_KINDS}.")
   if c.rl.adv_estimator not in ADV_ESTIMATORS:

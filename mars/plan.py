@@ -29,7 +29,7 @@ from mars import demo, hardware, models, sharding
 from mars.config import ConfigError
 from mars.models import UnsupportedConfigError
 from mars.sharding import ShardingError
-from mars.trainer import plan_steps
+from mars.trainer import plan_steps, policy
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -80,9 +80,9 @@ def model_config(c, model_dir: str = None):
   dtype, compute = c.model.dtype, c.model.compute_dtype or c.model.dtype
   if c.model.path:
     return models.load_config(find_model_dir(c.model.path, model_dir), param_dtype=dtype,
-                              dtype=compute, remat=c.model.remat)
+                              dtype=compute, **policy.compute_options(c))
   return demo.tiny_model_config(DEMO_VOCAB).replace(param_dtype=dtype, dtype=compute,
-                                                         remat=c.model.remat)
+                                                    **policy.compute_options(c))
 
 
 def check_mesh(c, topo) -> tuple:

@@ -31,7 +31,7 @@ def test_real_config_builds_abstract_train_state(name, shared_dir):
   mars_config.validate(c, jax.device_count())
   model_dir = shared_dir / "models" / MODEL_DIRS[c.model.path]
   model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype, dtype=c.model.dtype,
-                                 remat=c.model.remat)
+                                 **policy.compute_options(c))
   mesh = sharding.make_mesh((1, 4, 2))
   policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
   critic_opt = (optim.make_optimizer(run_state.optim_config(c.critic_optim, c))
@@ -74,6 +74,7 @@ def test_tiny_config_validates():
     (dict(eval=dict(attempt_end="first")), "Unknown eval.attempt_end 'first'"),
     (dict(train=dict(grader_boxes="first")), "Unknown train.grader_boxes 'first'"),
     (dict(model=dict(dtype="bfloat16")), "model.dtype='bfloat16' stores the trained params"),
+    (dict(model=dict(attention="flash")), r"Unknown model.attention 'flash'; choose one of \('dense', 'chunked'\)"),
     (dict(model=dict(remat="partial")), r"Unknown model.remat 'partial'; choose one of \('none', 'full', 'dots'\)"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
@@ -127,7 +128,7 @@ def test_update_step_returns_the_state_it_was_given(name, param_dtype, shared_di
     c.model.dtype = param_dtype
   model_dir = shared_dir / "models" / MODEL_DIRS[c.model.path]
   model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype,
-                                 dtype=c.model.compute_dtype, remat=c.model.remat)
+                                 dtype=c.model.compute_dtype, **policy.compute_options(c))
   mesh = sharding.make_mesh((1, 4, 2))
   policy_opt, critic_opt = run_state.make_optimizers(c)
   shardings = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)

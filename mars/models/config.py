@@ -6,6 +6,7 @@ from typing import Optional
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_KINDS = ("dense", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,11 @@ class ModelConfig:
   # layer, "dots" keeps the weight matmuls' outputs and recomputes the rest
   # (attention scores, norms, activations).
   remat: str = "none"
+  # The full-sequence forward's attention (ATTENTION_KINDS): "dense" scores the
+  # whole [T, T] matrix; "chunked" is flash attention in XLA (models/flash.py):
+  # [block, block] scores at a time, causal blocks skipped, its own backward.
+  attention: str = "dense"
+  attention_block: int = 512
   # Logits are returned in fp32: RL needs exact log-probabilities.
   logits_dtype: str = "float32"
 

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from mars import sharding
-from mars.models.config import REMAT_POLICIES, ModelConfig
+from mars.models import flash
+from mars.models.config import ATTENTION_KINDS, REMAT_POLICIES, ModelConfig
 
 Params = Any
 _NEG_INF = -1e30  # finite so fully-masked (padding) queries stay NaN-free.
@@ -287,13 +288,18 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
   if positions is None:
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
   T = tokens.shape[1]
-  causal = jnp.tril(jnp.ones((T, T), bool))
-  mask = causal[None] & attention_mask[:, None, :]
+  if cfg.attention == "chunked":
+    attend = lambda q, k, v: flash.flash_attention(q, k, v, attention_mask, cfg.attention_block)
+  elif cfg.attention == "dense":
+    mask = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
+    attend = lambda q, k, v: attention(q, k, v, mask, cfg)
+  else:
+    raise ValueError(f"unknown attention {cfg.attention!r}; choose one of {ATTENTION_KINDS}.")
 
   def layer(h, lp):
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
     q, k, v = _layer_qkv(cfg, lp, x, positions)
-    return _layer_out(cfg, lp, h, attention(q, k, v, mask, cfg)), None
+    return _layer_out(cfg, lp, h, attend(q, k, v)), None
 
   layer = remat_layer(layer, cfg.remat)
   h, _ = jax.lax.scan(layer, _embed(cfg, params, tokens), params["layers"])

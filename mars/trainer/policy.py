@@ -18,6 +18,13 @@ from mars import tokenizer as tok_lib
 from mars.config import ConfigError
 
 
+def compute_options(config) -> dict:
+  """The ModelConfig fields a run's config chooses besides dtypes: how the
+  full-sequence forward is computed (remat policy, attention kind and block)."""
+  return dict(remat=config.model.remat, attention=config.model.attention,
+              attention_block=config.model.attention_block)
+
+
 def describe_policy(config, workdir: str):
   """(tokenizer, model config, from_hf) of a run, without loading any weights."""
   dtype = config.model.dtype
@@ -25,7 +32,7 @@ def describe_policy(config, workdir: str):
   if config.model.path:
     model_dir = models.resolve_model_dir(config.model.path)
     model_cfg = models.load_config(model_dir, param_dtype=dtype, dtype=compute,
-                                   remat=config.model.remat)
+                                   **compute_options(config))
     return tok_lib.load_tokenizer(config.model.tokenizer_path or model_dir), model_cfg, True
   # The embedded demo: a tokenizer we build and a tiny Qwen3.
   tok_dir = config.model.tokenizer_path or os.path.join(workdir, "tokenizer")
@@ -38,7 +45,7 @@ def load_policy(config, workdir: str, mesh):
   tokenizer, model_cfg, from_hf = describe_policy(config, workdir)
   if from_hf:
     _, params = models.load_hf(config.model.path, dtype=model_cfg.param_dtype, mesh=mesh,
-                               compute_dtype=model_cfg.dtype, remat=model_cfg.remat)
+                               compute_dtype=model_cfg.dtype, **compute_options(config))
   else:  # the demo: a format-only warm start follows (see warm_start)
     params = demo.init_demo_params(model_cfg, jax.random.key(config.seed))
   return tokenizer, model_cfg, params, from_hf
@@ -57,7 +64,7 @@ def demo_model_config(config, workdir: str, tokenizer):
         json.dump(models.to_hf_dict(model_cfg), f, indent=2)
   dtype = config.model.dtype
   return model_cfg.replace(param_dtype=dtype, dtype=config.model.compute_dtype or dtype,
-                           remat=config.model.remat)
+                           **compute_options(config))
 
 
 def warm_start(config, model_cfg, params, tokenizer, mesh):
