@@ -185,6 +185,7 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
   c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 5, 2, 2, 1
   c.rollout.max_new_tokens, c.episode.budget = 12, 24
   c.rl.recompute_old_logp = True  # the library default (the demo turns it off)
+  c.train.eval_every, c.train.eval_before = 0, False  # the held-out eval is tested elsewhere
   for section, values in MODES[mode].items():
     if isinstance(values, dict):
       c[section].update(values)
@@ -249,6 +250,7 @@ def test_demo_reward_improves(tmp_path, staleness):
   c = mars_config.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
   c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 8, 8, 32
   c.sft.steps, c.train.steps, c.train.ckpt_every, c.train.grader_workers = 40, 12, 100, 1
+  c.train.eval_every, c.train.eval_before = 0, False  # the held-out eval is tested elsewhere
   if staleness:  # one-step-off: each batch sampled with the previous step's params
     c.rollout.staleness, c.rl.recompute_old_logp = 1, True
   loop.train(c, str(tmp_path / "demo"))
