@@ -25,16 +25,16 @@ def summary_table(rows: list, workdir: str, total_steps: int) -> str:
   if evals:
     (first_step, before), (last_step, after) = evals[0], evals[-1]
     names = sorted(set(before) | set(after), key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
-    lines.append(f"  {'held-out':<24}{'step ' + str(first_step):>12}{'step ' + str(last_step):>12}")
+    lines.append(f"  {'held-out':<36}{'step ' + str(first_step):>12}{'step ' + str(last_step):>12}")
     for name in names:
-      lines.append(f"  {name:<24}{before.get(name, float('nan')):>12.3f}"
+      lines.append(f"  {name:<36}{before.get(name, float('nan')):>12.3f}"
                    f"{after.get(name, float('nan')):>12.3f}")
   train_rows = [r for r in rows if r["step"] > 0]
   for key, label in (("groups/all_fail_frac", "all-fail groups"), ("reward/mean", "train reward")):
     values = [r[key] for r in train_rows if isinstance(r.get(key), float)]
     if len(values) >= 2:
       n = min(WINDOW, len(values) // 2)
-      lines.append(f"  {label + f' (mean of {n} steps)':<24}{np.mean(values[:n]):>12.3f}"
+      lines.append(f"  {label + f' (mean of {n} steps)':<36}{np.mean(values[:n]):>12.3f}"
                    f"{np.mean(values[-n:]):>12.3f}")
   lines += [
       f"  TensorBoard   tensorboard --logdir {os.path.join(workdir, 'tensorboard')}",
