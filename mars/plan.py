@@ -24,9 +24,9 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from mars import config as mars_config
+from mars import config_validation as mars_config
 from mars import demo, hardware, models, sharding
-from mars.config import ConfigError
+from mars.config_validation import ConfigError
 from mars.models import UnsupportedConfigError
 from mars.sharding import ShardingError
 from mars.trainer import plan_steps, policy

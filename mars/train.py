@@ -11,14 +11,13 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from mars import config as mars_config
-from mars import demo, distributed, models, sharding
+from mars import config_validation, demo, distributed, models, sharding
 from mars.trainer import loop
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
 # Bad input: one "mars.train: error: ..." line and exit code 2, never a traceback.
-INPUT_ERRORS = (mars_config.ConfigError, sharding.ShardingError, FileNotFoundError,
+INPUT_ERRORS = (config_validation.ConfigError, sharding.ShardingError, FileNotFoundError,
                 distributed.DistributedEnvError, demo.TokenizerDirError,
                 models.UnsupportedConfigError, models.CheckpointError)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from mars import config as mars_config
+from mars import config_validation
 from mars import models, sharding
 from mars.trainer import loop, policy, rollout_phase, run_state
 from mars.batch import empty_batch
@@ -28,7 +29,7 @@ def load(name):
                                   "lte_4b", "lte_8b", "dapo_4b"])
 def test_real_config_builds_abstract_train_state(name, shared_dir):
   c = load(name)
-  mars_config.validate(c, jax.device_count())
+  config_validation.validate(c, jax.device_count())
   model_dir = shared_dir / "models" / MODEL_DIRS[c.model.path]
   model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype, dtype=c.model.dtype,
                                  **policy.compute_options(c))
@@ -52,7 +53,7 @@ def test_real_config_builds_abstract_train_state(name, shared_dir):
 
 def test_tiny_config_validates():
   c = load("tiny")
-  mars_config.validate(c, 1)
+  config_validation.validate(c, 1)
   assert c.model.path == "" and c.data.name == "candidates"
 
 
@@ -85,8 +86,8 @@ def test_config_errors_are_one_clear_line(override, message):
         c[section].update(value)
       else:
         c[section] = value
-  with pytest.raises(mars_config.ConfigError, match=message) as e:
-    mars_config.validate(c, 8)
+  with pytest.raises(config_validation.ConfigError, match=message) as e:
+    config_validation.validate(c, 8)
   assert "\n" not in str(e.value)
 
 
@@ -94,7 +95,7 @@ def test_demo_rule_error_is_one_clear_line():
   """The demo's settings are checked where the demo is resolved (the trainer's policy module)."""
   c = load("tiny")
   c.data.candidates_rule = "last"
-  with pytest.raises(mars_config.ConfigError, match="Unknown data.candidates_rule 'last'") as e:
+  with pytest.raises(config_validation.ConfigError, match="Unknown data.candidates_rule 'last'") as e:
     policy.make_source(c)
   assert "\n" not in str(e.value)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mars import config as mars_config
+from mars import config_validation
 from mars.models import cast_params, init_params, tiny_config
 from mars.rl import critic as critic_lib
 from mars.rl import optim
@@ -167,8 +168,8 @@ def test_bf16_storage_needs_opt_in(allow):
   c.model.dtype = "bfloat16"
   c.model.allow_low_precision_params = allow
   if allow:
-    mars_config.validate(c)
+    config_validation.validate(c)
   else:
-    with pytest.raises(mars_config.ConfigError, match="allow_low_precision_params") as e:
-      mars_config.validate(c)
+    with pytest.raises(config_validation.ConfigError, match="allow_low_precision_params") as e:
+      config_validation.validate(c)
     assert "\n" not in str(e.value)

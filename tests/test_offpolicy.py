@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mars import config as mars_config
+from mars import config_validation
 from mars.rl import correction, losses
 
 CLAMP = 20.0
@@ -356,8 +357,8 @@ def _cfg(**rl):
 ])
 def test_bad_offpolicy_config_is_one_error_line(overrides, match):
   c = _cfg(**overrides)
-  with pytest.raises(mars_config.ConfigError, match=match) as e:
-    mars_config.validate(c)
+  with pytest.raises(config_validation.ConfigError, match=match) as e:
+    config_validation.validate(c)
   assert "\n" not in str(e.value)
 
 
@@ -370,7 +371,7 @@ def test_meaningful_combinations_validate():
              dict(loss="gspo_token", agg_mode="seq-mean-token-mean", rollout_correction="icepop"),
              dict(loss="cispo", rollout_correction="tis"),
              dict(rollout__staleness=1, rollout_correction="tis")):
-    mars_config.validate(_cfg(**rl))
+    config_validation.validate(_cfg(**rl))
 
 
 # ----------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def unread_keys(keys, source: str) -> list:
 
 def test_every_config_key_is_read_by_some_code():
   # Read by the package: mars/config.py's defining lines (`c.rl.eps_low = 0.2`) don't count,
-  # its validation does.
+  # the validation's (mars/config_validation.py) and everything else's reads do.
   defining = re.compile(r"^\s*[co]\.[\w.]+\s*=", re.M)
   source = "\n".join(defining.sub("", p.read_text()) if p == PACKAGE / "config.py"
                      else p.read_text() for p in PACKAGE.rglob("*.py"))

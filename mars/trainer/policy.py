@@ -15,7 +15,7 @@ import numpy as np
 from mars import data as data_lib
 from mars import demo, distributed, models, rewards, sft
 from mars import tokenizer as tok_lib
-from mars.config import ConfigError
+from mars.config_validation import ConfigError
 
 
 def compute_options(config) -> dict:

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mars import checkpoint, distributed, models, sampling, sharding
-from mars import config as mars_config
+from mars import checkpoint, config_validation, distributed, models, sampling, sharding
 from mars import data as data_lib
 from mars import metrics as metrics_lib
 from mars.rl import critic as critic_lib
@@ -122,7 +121,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
     from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
-  mars_config.validate(config, jax.device_count())
+  config_validation.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(tuple(config.mesh_shape))
   pipeline = data_lib.PromptPipeline(
