@@ -13,7 +13,7 @@ import pytest
 
 from mars import rewards
 import adversarial_inputs as adversarial  # tests/adversarial_inputs.py (a fixture, not library)
-from mars.rewards import grader
+from mars.rewards import answers, guards
 
 SHARED = pathlib.Path(os.environ.get(
     "MARS_SHARED_DIR", pathlib.Path(__file__).resolve().parents[1].parent / "shared"))
@@ -157,7 +157,7 @@ def test_many_boxes_are_read_by_the_last():
   # math-verify's joining is quadratic in the number of boxes: past MAX_BOXES
   # the last box alone is the answer.
   few = "\\boxed{1}, " * 5 + "\\boxed{2}"
-  many = "\\boxed{1}, " * grader.MAX_BOXES + "\\boxed{2}"
+  many = "\\boxed{1}, " * guards.MAX_BOXES + "\\boxed{2}"
   assert rewards.read_answer(few)[1][0] == math_verify.parse("$\\{1, 2\\}$")[0]
   assert rewards.read_answer(many)[0] == "2"
 
@@ -172,11 +172,11 @@ def test_read_answer_without_a_box_is_no_answer():
 
 
 def test_gold_text():
-  assert grader.gold_text("$\\frac12$") == "\\frac12"
-  assert grader.gold_text(27.0) == "27"
-  assert grader.gold_text(["$69$,$84$"]) == "69,84"
-  assert grader.gold_text(["1", "2"]) == "1, 2"
-  assert grader.gold_text("\\$18") == "\\$18"  # escaped dollars are content
+  assert answers.gold_text("$\\frac12$") == "\\frac12"
+  assert answers.gold_text(27.0) == "27"
+  assert answers.gold_text(["$69$,$84$"]) == "69,84"
+  assert answers.gold_text(["1", "2"]) == "1, 2"
+  assert answers.gold_text("\\$18") == "\\$18"  # escaped dollars are content
   # A worked solution as the ground truth is read by its boxes, as a response is.
   solution = "So $x=2$ and $y=\\boxed{3}$ or $y = \\boxed{4}$."
   assert rewards.grade_one("\\boxed{4}, \\boxed{3}", solution).correct
@@ -674,7 +674,7 @@ def test_olympiadbench_multi_answers_in_any_order(pool):
   rows = [r for r in read_jsonl("eval/olympiadbench/test.jsonl") if r["is_multiple_answer"]]
   cases = []
   for row in rows:
-    parts = [p.strip() for p in grader.gold_text(row["final_answer"]).split(",")]
+    parts = [p.strip() for p in answers.gold_text(row["final_answer"]).split(",")]
     # Golds that repeat a value ("-2,-2") are compared as sets by math-verify,
     # so a partial answer can match them: leave those out of this check.
     if (len(parts) > 1 and len(set(parts)) == len(parts)

@@ -11,9 +11,9 @@
 math-verify's reading: `\\boxed{1}, \\boxed{2}` is {1, 2}) or "last".
 """
 from mars.rewards.extract import extract_boxed, extract_boxes
-from mars.rewards.grader import (BOXES, MAX_PARSE_CHARS, STATUSES, Grade, SoftTimeout,
-                                 canonical_answer, gold_text, grade_one, read_answer,
-                                 soft_time_limit)
+from mars.rewards.answers import canonical_answer, gold_text, read_answer
+from mars.rewards.grader import BOXES, STATUSES, Grade, grade_one
+from mars.rewards.guards import MAX_PARSE_CHARS, SoftTimeout, soft_time_limit
 from mars.rewards.pool import GraderPool, default_pool, grade_batch
 
 __all__ = [

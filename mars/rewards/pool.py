@@ -89,7 +89,7 @@ class GraderPool:
     boxes: which box(es) hold the answer: "math_verify" (math-verify's own
       reading: `\\boxed{1}, \\boxed{2}` is the set {1, 2}) or "last" (the last
       box only, as the multi-attempt paper's reference grader reads it). See
-      `grader.read_answer`.
+      `answers.read_answer`.
     allow_set_relation_comp: `math_verify.verify`'s option; True lets an
       inequality match an interval (`3 \\le x \\le 4` == `[3,4]`). math-verify's
       default, False, is ours.
@@ -139,7 +139,7 @@ class GraderPool:
             for reply in replies]
 
   def canonical_batch(self, texts) -> list[str]:
-    """`grader.canonical_answer` of each text, computed in the workers."""
+    """`answers.canonical_answer` of each text, computed in the workers."""
     texts = [str(t) for t in texts]
     replies = self._run([("canonical", t) for t in texts])
     return [r if isinstance(r, str) else "".join(t.split())

@@ -19,7 +19,8 @@ import signal
 import sys
 import time
 
-from mars.rewards import grader
+from mars.rewards import answers, grader, guards
+from mars.rewards.extract import extract_boxed
 from mars.rewards.ipc import read_frame, write_frame
 
 
@@ -57,20 +58,20 @@ def _test_hook(response) -> None:
 def _handle(message, soft_timeout_s: float):
   kind = message[0]
   try:
-    with grader.soft_time_limit(soft_timeout_s):
+    with guards.soft_time_limit(soft_timeout_s):
       if kind == "grade":
         _test_hook(message[1])
         g = grader.grade_one(message[1], message[2], **message[3])
         return (g.status, g.extracted, g.canonical)
       if kind == "canonical":
-        return grader.canonical_answer(message[1], timeout_s=None)
-  except grader.SoftTimeout:  # fired between grade_one's return and disarming.
+        return answers.canonical_answer(message[1], timeout_s=None)
+  except guards.SoftTimeout:  # fired between grade_one's return and disarming.
     pass
   if kind == "grade":  # the last box, as for an item the pool had to kill
     response = message[1]
     if isinstance(response, bytes):
       response = response.decode("utf-8", "replace")
-    return ("timeout", grader.extract_boxed(str(response)), None)
+    return ("timeout", extract_boxed(str(response)), None)
   return "".join(str(message[1]).split())
 
 
