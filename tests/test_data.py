@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mars import data
-from mars.data import builders
+from mars.data import rows as rows_lib
 from mars.rewards import extract_boxed
 
 SHARED = pathlib.Path(os.environ.get(
@@ -183,7 +183,7 @@ def test_online_formats(tmp_path):
     write_raw(tmp_path / "MATH/train", f"{subject}/{number}.json", [json.dumps(
         {"problem": f"{subject} {number}", "level": "Level 1", "type": subject,
          "solution": f"\\boxed{{{number}}}"})])
-  rows = [row for _, row in builders.read_rows(str(tmp_path / "MATH/train"))]
+  rows = [row for _, row in rows_lib.read_rows(str(tmp_path / "MATH/train"))]
   assert [r["problem"] for r in rows] == ["algebra 2", "algebra 10", "geometry 1"]
 
 

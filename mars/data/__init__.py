@@ -5,11 +5,11 @@
   PromptPipeline(source, batch_size, seed)      seeded epochs, get/set_state
   DATASETS, TRAIN_DATASETS, EVAL_BENCHMARKS     valid names
 """
-from mars.data.builders import (BUILDERS, DATA_DIR_ENV, TFDS_DIR_ENV,
-                                MalformedRowError, default_tfds_dir)
-from mars.data.pipeline import (DATASETS, EVAL_BENCHMARKS, TRAIN_DATASETS,
+from mars.data.builder import DATA_DIR_ENV, TFDS_DIR_ENV, default_tfds_dir
+from mars.data.pipeline import (BUILDERS, DATASETS, EVAL_BENCHMARKS, TRAIN_DATASETS,
                                 DecodedSource, PromptPipeline, get_builder,
                                 load_source)
+from mars.data.rows import MalformedRowError
 
 __all__ = [
     "BUILDERS", "DATASETS", "DATA_DIR_ENV", "EVAL_BENCHMARKS", "TFDS_DIR_ENV",

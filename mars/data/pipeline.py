@@ -4,12 +4,17 @@ import logging
 
 import numpy as np
 
-from mars.data import builders
+from mars.data import benchmarks, train_sets
+from mars.data.builder import MathBuilder
 
 TRAIN_DATASETS = ("simplerl_math_l3to5", "math", "gsm8k")
 EVAL_BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math",
                    "olympiadbench", "gsm8k")
-DATASETS = tuple(builders.BUILDERS)
+BUILDERS = {cls.name: cls for cls in (
+    train_sets.SimplerlMathL3to5, train_sets.Math, train_sets.Gsm8k, benchmarks.Math500,
+    benchmarks.Aime24, benchmarks.Aime25, benchmarks.Amc23, benchmarks.MinervaMath,
+    benchmarks.OlympiadBench)}
+DATASETS = tuple(BUILDERS)
 
 
 class DecodedSource(Sequence):
@@ -47,14 +52,14 @@ def _decode(value):
   return value
 
 
-def get_builder(name: str, data_dir: str | None = None, **kwargs) -> builders.MathBuilder:
+def get_builder(name: str, data_dir: str | None = None, **kwargs) -> MathBuilder:
   """Builder for `name` or `name/config` (e.g. "math/level3to5")."""
   base, _, config = name.partition("/")
-  if base not in builders.BUILDERS:
+  if base not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}"
                      " (math also takes a config: math/<"
-                     + "|".join(c.name for c in builders.Math.BUILDER_CONFIGS) + ">)")
-  cls = builders.BUILDERS[base]
+                     + "|".join(c.name for c in train_sets.Math.BUILDER_CONFIGS) + ">)")
+  cls = BUILDERS[base]
   if config:
     valid = [c.name for c in cls.BUILDER_CONFIGS]
     if config not in valid:
