@@ -1,6 +1,6 @@
-"""Rollout engine: jitted prefill + on-device decode loop over a KV cache.
+"""Rollout engine: the jitted prefill and decode programs, and the Sampler that drives them.
 
-The decode loop is a `lax.while_loop` that stays on device for up to K steps
+The decode loop (decode.py) is a `lax.while_loop` that stays on device for up to K steps
 (or until every row is done), then returns control to the host. The host can
 inspect the rows, queue *forced tokens* for some of them (a feedback turn in a
 multi-attempt episode), and resume from the same cache: no re-prefill.
@@ -14,7 +14,6 @@ import functools
 import logging
 from typing import Optional, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,37 +23,8 @@ from mars import sharding
 from mars import models
 from mars.models import qwen
 from mars.models.config import ModelConfig
-from mars.sampling.select import SamplingParams, select_tokens
-
-
-@flax.struct.dataclass
-class DecodeState:
-  cache: qwen.KVCache
-  tokens: jax.Array         # [B, S] int32, aligned with cache slots
-  gen_mask: jax.Array       # [B, S] bool: sampled by the model
-  forced_mask: jax.Array    # [B, S] bool: injected from the force queue
-  logp: jax.Array           # [B, S] f32: policy logprob (T=1, unfiltered) of sampled tokens
-  sampler_logp: jax.Array   # [B, S] f32: logprob under the sampling distribution
-  last_logits: jax.Array    # [B, V] f32: logits for each row's next token
-  position: jax.Array       # [B] int32: RoPE position of each row's next token
-  num_generated: jax.Array  # [B] int32: sampled tokens so far
-  max_new: jax.Array        # [B] int32: per-row budget of sampled tokens
-  done: jax.Array           # [B] bool
-  stopped: jax.Array        # [B] bool: ended on a stop token
-  truncated: jax.Array      # [B] bool: ended on the budget or the cache end
-  force_queue: jax.Array    # [B, Q] int32
-  force_len: jax.Array      # [B] int32
-  force_ptr: jax.Array      # [B] int32
-  key: jax.Array
-  prompt_len: int = flax.struct.field(pytree_node=False, default=0)
-
-  @property
-  def batch_size(self):
-    return self.tokens.shape[0]
-
-  @property
-  def cache_len(self):
-    return self.tokens.shape[1]
+from mars.sampling.decode import DecodeState, decode_loop, state_axes
+from mars.sampling.select import SamplingParams
 
 
 @dataclasses.dataclass
@@ -75,62 +45,6 @@ class SampleOutput:
     """Sampled + forced tokens of a row, in order (what follows the prompt)."""
     keep = self.gen_mask[row] | self.forced_mask[row]
     return self.tokens[row][keep].tolist()
-
-
-def _decode_step(cfg: ModelConfig, params, state: DecodeState, stop_ids, pad_id,
-                 temperature, top_p, top_k) -> DecodeState:
-  key, sub = jax.random.split(state.key)
-  B, S = state.tokens.shape
-  col = state.cache.index
-  active = ~state.done
-  has_forced = state.force_ptr < state.force_len
-  forced_tok = jnp.take_along_axis(
-      state.force_queue, jnp.minimum(state.force_ptr, state.force_queue.shape[1] - 1)[:, None], 1)[:, 0]
-  sampled_tok, sampler_logp = select_tokens(state.last_logits, sub, temperature, top_p, top_k)
-  tok = jnp.where(has_forced, forced_tok, sampled_tok)
-  tok = jnp.where(active, tok, pad_id).astype(jnp.int32)
-  is_gen = active & ~has_forced
-  is_forced = active & has_forced
-  policy_logp = jnp.take_along_axis(jax.nn.log_softmax(state.last_logits, -1), tok[:, None], -1)[:, 0]
-
-  def put(buf, value):
-    return jax.lax.dynamic_update_slice(buf, value[:, None].astype(buf.dtype), (0, col))
-
-  num_generated = state.num_generated + is_gen
-  hit_stop = is_gen & jnp.isin(tok, stop_ids)
-  out_of_budget = is_gen & (num_generated >= state.max_new) & ~hit_stop
-  cache_full = active & (col + 1 >= S) & ~hit_stop
-  logits, cache = qwen.extend(cfg, params, tok[:, None], state.position[:, None], active[:, None],
-                              state.cache)
-  return state.replace(
-      cache=cache,
-      tokens=put(state.tokens, tok),
-      gen_mask=put(state.gen_mask, is_gen),
-      forced_mask=put(state.forced_mask, is_forced),
-      logp=put(state.logp, jnp.where(is_gen, policy_logp, 0.0)),
-      sampler_logp=put(state.sampler_logp, jnp.where(is_gen, sampler_logp, 0.0)),
-      last_logits=logits[:, 0].astype(jnp.float32),
-      position=state.position + active,
-      num_generated=num_generated,
-      done=state.done | hit_stop | out_of_budget | cache_full,
-      stopped=state.stopped | hit_stop,
-      truncated=state.truncated | out_of_budget | cache_full,
-      force_ptr=state.force_ptr + is_forced,
-      key=key)
-
-
-def _decode_loop(cfg, params, state, num_steps, stop_ids, pad_id, temperature, top_p, top_k):
-  """Up to `num_steps` decode steps, exiting early once every row is done."""
-  def cond(carry):
-    s, i = carry
-    return (i < num_steps) & ~jnp.all(s.done) & (s.cache.index < s.cache_len)
-
-  def body(carry):
-    s, i = carry
-    return _decode_step(cfg, params, s, stop_ids, pad_id, temperature, top_p, top_k), i + 1
-
-  state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
-  return state
 
 
 def _prefill(cfg, params, prompt_tokens, prompt_mask, key, max_new, *, n, cache_len, queue_len,
@@ -155,14 +69,6 @@ def _prefill(cfg, params, prompt_tokens, prompt_mask, key, max_new, *, n, cache_
       truncated=jnp.zeros((B * n,), bool),
       force_queue=jnp.full((B * n, queue_len), pad_id, jnp.int32),
       force_len=zeros_b, force_ptr=zeros_b, key=key, prompt_len=P)
-
-
-def _state_axes(state_like: DecodeState):
-  """Logical axes for every DecodeState leaf: rows over the batch axes."""
-  def axes(x):
-    return ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
-  tree = jax.tree.map(axes, state_like)
-  return tree.replace(cache=qwen.cache_axes(), key=())
 
 
 _COMPILES = {"count": 0}
@@ -195,7 +101,7 @@ def _jit_prefill(params, prompt_tokens, prompt_mask, rng, max_new, *, cfg, mesh,
 def _jit_loop(params, state, num_steps, temperature, top_p, top_k, *, cfg, mesh, stop_ids, pad_id):
   _note_compile(f"decode loop {state.tokens.shape}")
   with sharding.use_mesh(mesh):
-    return _decode_loop(cfg, params, state, num_steps, jnp.asarray(stop_ids, jnp.int32), pad_id,
+    return decode_loop(cfg, params, state, num_steps, jnp.asarray(stop_ids, jnp.int32), pad_id,
                         temperature, top_p, top_k)
 
 
@@ -238,7 +144,7 @@ class Sampler:
     key = (state.tokens.shape, state.cache.k.shape, state.force_queue.shape, state.prompt_len)
     if key not in self._state_sharding_cache:
       self._state_sharding_cache[key] = sharding.tree_shardings(
-          self.mesh, _state_axes(state), jax.tree.map(lambda x: tuple(x.shape), state))
+          self.mesh, state_axes(state), jax.tree.map(lambda x: tuple(x.shape), state))
     return self._state_sharding_cache[key]
 
   def rollout_params(self, params):
