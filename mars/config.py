@@ -32,6 +32,11 @@ def default_config() -> ml_collections.ConfigDict:
   # blocks skipped). The sampler's cached attention is not affected.
   c.model.attention = "dense"
   c.model.attention_block = 512   # query/key block of "chunked"
+  # Positions per chunk of the lm_head + log-softmax in the update and the
+  # log-prob recompute (models/logprobs.py); 0 = the whole row at once. With a
+  # 152k vocabulary the [rows, T, V] fp32 logits and their gradient are the
+  # update's largest temporaries; chunks keep [rows, chunk, V] and recompute.
+  c.model.logits_chunk = 0
   c.model.tokenizer_path = ""     # "" = model.path (or the demo tokenizer)
 
   c.data = ml_collections.ConfigDict()

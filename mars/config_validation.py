@@ -30,6 +30,8 @@ def validate(c, num_devices: int = None) -> None:
                       f"{ATTENTION_KINDS}.")
   if c.model.attention_block < 1:
     raise ConfigError(f"model.attention_block must be >= 1, got {c.model.attention_block}.")
+  if c.model.logits_chunk < 0:
+    raise ConfigError(f"model.logits_chunk must be >= 0 (0 = unchunked), got {c.model.logits_chunk}.")
   if c.episode.kind not in EPISODE_KINDS:
     raise ConfigError(f"Unknown episode.kind {c.episode.kind!r}; choose one of {EPISODE_KINDS}.")
   if c.rl.adv_estimator not in ADV_ESTIMATORS:

@@ -23,7 +23,7 @@ import optax
 from mars import config as mars_config
 from mars import sharding
 from mars import models
-from mars.models import qwen
+from mars.models import logprobs
 from mars.models.config import ModelConfig
 from mars.rl import optim
 from mars.tokenizer import bucket_length
@@ -58,8 +58,8 @@ def pack_examples(tokenizer, examples: Sequence[tuple], length: Optional[int] = 
 
 def response_loss(cfg: ModelConfig, params, tokens, attention_mask, loss_mask):
   """Mean cross-entropy over response tokens, and next-token accuracy there."""
-  logits = qwen.forward(cfg, params, tokens, attention_mask)
-  logp = qwen.logprobs_from_logits(logits, tokens)
+  logits = models.forward(cfg, params, tokens, attention_mask)
+  logp = logprobs.logprobs_from_logits(logits, tokens)
   hit = jnp.pad(jnp.argmax(logits[:, :-1], -1) == tokens[:, 1:], ((0, 0), (1, 0)))
   weight = loss_mask.astype(jnp.float32)
   count = jnp.maximum(weight.sum(), 1.0)

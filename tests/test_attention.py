@@ -90,7 +90,7 @@ def test_model_with_chunked_attention_matches_hf_and_dense_gradients(tiny_qwen2)
   assert np.abs(logits - ref)[mask].max() <= 1e-4
 
   def loss(params, cfg):
-    logp = qwen.logprobs_from_logits(
+    logp = mm.logprobs_from_logits(
         mm.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions)),
         jnp.asarray(tokens))
     # Column t scores token t from the logits at t-1: both must be real tokens

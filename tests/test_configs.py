@@ -77,6 +77,7 @@ def test_tiny_config_validates():
     (dict(model=dict(dtype="bfloat16")), "model.dtype='bfloat16' stores the trained params"),
     (dict(model=dict(attention="flash")), r"Unknown model.attention 'flash'; choose one of \('dense', 'chunked'\)"),
     (dict(model=dict(remat="partial")), r"Unknown model.remat 'partial'; choose one of \('none', 'full', 'dots'\)"),
+    (dict(model=dict(logits_chunk=-1)), r"model.logits_chunk must be >= 0 \(0 = unchunked\), got -1"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
   c = load("tiny")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mars.models import logprobs
 from mars.rl import losses
 
 jax.config.update("jax_enable_x64", False)
@@ -387,9 +388,9 @@ def test_entropy_from_logits_matches_numpy_and_is_stable():
   logits = (rng.normal(0, 3, (2, 3, 7))).astype(np.float32)
   logits[0, 0, :3] = -np.inf  # masked vocab entries
   logits[1, 2] = 1e4 * rng.normal(size=7)  # huge logits: near one-hot
-  got = np.asarray(losses.entropy_from_logits(jnp.asarray(logits, jnp.bfloat16)
+  got = np.asarray(logprobs.entropy_from_logits(jnp.asarray(logits, jnp.bfloat16)
                                               .astype(jnp.float32)))
-  got_f32 = np.asarray(losses.entropy_from_logits(logits))
+  got_f32 = np.asarray(logprobs.entropy_from_logits(logits))
   for b, t in np.ndindex(2, 3):
     z = logits[b, t].astype(np.float64)
     z = z - z.max()
@@ -397,8 +398,8 @@ def test_entropy_from_logits_matches_numpy_and_is_stable():
     want = -sum(pi * np.log(pi) for pi in p if pi > 0)
     np.testing.assert_allclose(got_f32[b, t], want, rtol=1e-4, atol=1e-5)
   assert np.all(np.isfinite(got))
-  assert losses.entropy_from_logits(jnp.ones((5,), jnp.bfloat16)).dtype == jnp.float32
-  np.testing.assert_allclose(losses.entropy_from_logits(jnp.zeros((5,))), np.log(5), rtol=1e-6)
+  assert logprobs.entropy_from_logits(jnp.ones((5,), jnp.bfloat16)).dtype == jnp.float32
+  np.testing.assert_allclose(logprobs.entropy_from_logits(jnp.zeros((5,))), np.log(5), rtol=1e-6)
 
 
 def test_masked_entropy_mean_ignores_masked_tokens():

@@ -8,9 +8,10 @@ from mars import sharding
 from mars.models.config import (ModelConfig, UnsupportedConfigError, from_hf_dict, load_config,
                                 tiny_config, to_hf_config, to_hf_dict)
 from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir, save_hf
+from mars.models.logprobs import (entropy_from_logits, logprobs_from_hidden, logprobs_from_logits,
+                                  sequence_logprobs, token_logprobs)
 from mars.models.qwen import (KVCache, cache_axes, cast_params, decode_step, extend, forward, init_cache,
-                              init_params, logprobs_from_logits, param_axes, param_shapes,
-                              prefill, rope_frequencies, token_logprobs)
+                              init_params, param_axes, param_shapes, prefill, rope_frequencies)
 
 
 def param_shardings(cfg, mesh):

@@ -46,6 +46,10 @@ class ModelConfig:
   # [block, block] scores at a time, causal blocks skipped, its own backward.
   attention: str = "dense"
   attention_block: int = 512
+  # Positions per chunk of the lm_head + log-softmax in full-sequence logprobs
+  # (models/logprobs.py); 0 = all at once. Chunks keep [B, chunk, V] fp32
+  # logits alive instead of [B, T, V], and the backward recomputes them.
+  logits_chunk: int = 0
   # Logits are returned in fp32: RL needs exact log-probabilities.
   logits_dtype: str = "float32"
 

@@ -215,11 +215,28 @@ def attention(q, k, v, mask, cfg: ModelConfig, cached=None):
   return out.reshape(B, T, H, hd)
 
 
+def project(x, w, contracted: int = 1, preferred_element_type=None):
+  """x[..., *c] · w[*c, *out] (c = w's first `contracted` dims), as one 2-D matmul.
+
+  Why 2-D: the weight gradient of an einsum with the batch and length dims
+  kept separate transposes to dot_general(dy, x) over two contracting dims,
+  which XLA:CPU lowers as a transposed copy of dy plus a slow generic dot
+  (a Qwen-shaped MLP's backward took 1.4x as long; benchmarks/update.py).
+  Flattened, both gradients are plain GEMMs on every backend. The merged
+  leading dim keeps the batch sharding: batch is its major part and length
+  is never sharded (mars/sharding.py).
+  """
+  lead, c_shape, out_shape = x.shape[:x.ndim - contracted], w.shape[:contracted], w.shape[contracted:]
+  c = math.prod(c_shape)
+  y = jnp.dot(x.reshape(-1, c), w.reshape(c, -1), preferred_element_type=preferred_element_type)
+  return y.reshape(*lead, *out_shape)
+
+
 def _layer_qkv(cfg, lp, x, positions):
   dt = x.dtype
-  q = jnp.einsum("btd,dhk->bthk", x, lp["q"].astype(dt))
-  k = jnp.einsum("btd,dhk->bthk", x, lp["k"].astype(dt))
-  v = jnp.einsum("btd,dhk->bthk", x, lp["v"].astype(dt))
+  q = project(x, lp["q"].astype(dt))
+  k = project(x, lp["k"].astype(dt))
+  v = project(x, lp["v"].astype(dt))
   if cfg.qkv_bias:
     q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
   if cfg.qk_norm:
@@ -236,13 +253,13 @@ def _layer_qkv(cfg, lp, x, positions):
 def _layer_out(cfg, lp, h, attn_out):
   """Output projection, residual, and the SwiGLU MLP block."""
   dt = h.dtype
-  h = h + jnp.einsum("bthk,hkd->btd", attn_out, lp["o"].astype(dt))
+  h = h + project(attn_out, lp["o"].astype(dt), contracted=2)
   h = sharding.constrain(h, ("batch", "length", "embed"))
   x = rms_norm(h, lp["post_norm"], cfg.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", x, lp["gate"].astype(dt))
-  up = jnp.einsum("btd,df->btf", x, lp["up"].astype(dt))
+  gate = project(x, lp["gate"].astype(dt))
+  up = project(x, lp["up"].astype(dt))
   act = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-  h = h + jnp.einsum("btf,fd->btd", act, lp["down"].astype(dt))
+  h = h + project(act, lp["down"].astype(dt))
   return sharding.constrain(h, ("batch", "length", "embed"))
 
 
@@ -251,15 +268,23 @@ def _embed(cfg, params, tokens):
   return sharding.constrain(h, ("batch", "length", "embed"))
 
 
+def lm_logits(cfg: ModelConfig, params: Params, h):
+  """Logits [..., T, V] of final-normed hidden states h [..., T, D].
+
+  Low-precision inputs, fp32 accumulation: exact-enough logprobs for RL. One
+  2-D matmul against w [V, D] as stored (see `project` for why 2-D).
+  """
+  w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+  logits = jax.lax.dot_general(h.reshape(-1, h.shape[-1]), w.astype(h.dtype),
+                               (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.dtype(cfg.logits_dtype))
+  logits = logits.reshape(*h.shape[:-1], w.shape[0])
+  return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+
 def _final(cfg, params, h, return_hidden):
   h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-  if return_hidden:
-    return h
-  w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-  # Low-precision inputs, fp32 accumulation: exact-enough logprobs for RL.
-  logits = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype),
-                      preferred_element_type=jnp.dtype(cfg.logits_dtype))
-  return sharding.constrain(logits, ("batch", "length", "vocab"))
+  return h if return_hidden else lm_logits(cfg, params, h)
 
 
 # ----------------------------------------------------------------------------
@@ -383,17 +408,3 @@ def decode_step(cfg, params, token, position, cache: KVCache):
   logits, cache = extend(cfg, params, token[:, None], position[:, None],
                          jnp.ones_like(token, bool)[:, None], cache)
   return logits[:, 0], cache
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def token_logprobs(cfg: ModelConfig, params: Params, tokens, attention_mask, positions=None):
-  """log p(tokens[:, t] | tokens[:, :t]) aligned to t ([B, T]; 0 at t = 0)."""
-  logits = forward(cfg, params, tokens, attention_mask, positions)
-  return logprobs_from_logits(logits, tokens)
-
-
-def logprobs_from_logits(logits, tokens):
-  """Next-token logprobs aligned to the token they score (column 0 is 0)."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.pad(picked, ((0, 0), (1, 0)))

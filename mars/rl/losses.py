@@ -26,6 +26,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mars.models.logprobs import entropy_from_logits
+
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # Per-token surrogate of on-policy rows (rl.loss). "ppo" is the clipped surrogate
 # of PPO, GRPO and DAPO (their differences are advantages, clip range, aggregation).
@@ -336,23 +338,6 @@ def kl_loss(logp, ref_logp, loss_mask, kind: str = "k3", agg_mode: str = "token-
 # ----------------------------------------------------------------------------
 # Entropy.
 # ----------------------------------------------------------------------------
-
-
-def entropy_from_logits(logits):
-  """Entropy H = logsumexp(z) − Σ softmax(z)·z over the last axis, in fp32.
-
-  Logits are shifted by their max first, so large logits do not cancel
-  catastrophically (H of a near one-hot stays near 0, not ulp(max z)), and the
-  logsumexp form never takes log of a 0 probability, so -inf logits (masked
-  vocab) stay finite. [..., V] -> [...].
-  """
-  logits = _f32(logits)
-  logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  logsumexp = jax.nn.logsumexp(logits, axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # Where p == 0 the logit may be -inf; p·z would be NaN, and contributes 0.
-  p_times_z = jnp.where(probs > 0, probs * logits, 0.0)
-  return logsumexp - jnp.sum(p_times_z, axis=-1)
 
 
 def masked_entropy_mean(logits, mask, agg_mode: str = "token-mean",

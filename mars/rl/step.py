@@ -48,7 +48,7 @@ import optax
 
 from mars import sharding
 from mars.batch import RolloutBatch
-from mars.models import qwen
+from mars.models import logprobs, qwen
 from mars.models.config import ModelConfig
 from mars.rl import correction
 from mars.rl import critic as critic_lib
@@ -99,7 +99,7 @@ def _recompute_fn(cfg: ModelConfig, mesh, micro_batch_size, what: str):
         tok, am, pos = _constrain_rows(xs)
         if what == "values":
           return critic_lib.critic_values(cfg, params, tok, am, pos)
-        return qwen.logprobs_from_logits(qwen.forward(cfg, params, tok, am, pos), tok)
+        return logprobs.sequence_logprobs(cfg, params, tok, am, pos)[0]
 
       # lax.map: one micro-batch of logits alive at a time.
       out = jax.lax.map(one, tuple(_split(x, n) for x in (tokens, attention_mask, positions)))
@@ -198,8 +198,9 @@ def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, 
                                     (batch.old_logp, batch.ref_logp, advantages))
   agg = dict(agg_mode=opts["agg_mode"], max_len_norm=opts["max_len_norm"],
              denominator=denominator)
-  logits = qwen.forward(cfg, params, batch.tokens, batch.attention_mask, batch.positions)
-  logp = qwen.logprobs_from_logits(logits, batch.tokens)
+  logp, entropy_per_token = logprobs.sequence_logprobs(
+      cfg, params, batch.tokens, batch.attention_mask, batch.positions,
+      with_entropy=bool(opts["entropy_coef"]))
   loss, metrics = losses.policy_loss(
       logp, old_logp, advantages, mask, batch.is_off_policy,
       eps_low=opts["eps_low"], eps_high=opts["eps_high"], dual_clip_c=opts["dual_clip_c"],
@@ -214,9 +215,9 @@ def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, 
     loss = loss + opts["kl_coef"] * kl
     metrics["kl_loss"] = jax.lax.stop_gradient(kl)
   if opts["entropy_coef"]:
-    # Logits at t−1 predict token t: shift so entropy sits on the token it scores.
-    logits_aligned = jnp.pad(logits[:, :-1], ((0, 0), (1, 0), (0, 0)))
-    entropy = losses.masked_entropy_mean(logits_aligned, mask, **agg)
+    # Aligned like logp: column t is the entropy of the distribution that scores token t.
+    entropy = losses.aggregate(entropy_per_token, mask, opts["agg_mode"], opts["max_len_norm"],
+                               denominator)
     loss = loss - opts["entropy_coef"] * entropy
     metrics["entropy"] = jax.lax.stop_gradient(entropy)
   metrics["policy_loss"] = jax.lax.stop_gradient(loss)

@@ -20,9 +20,11 @@ from mars.config_validation import ConfigError
 
 def compute_options(config) -> dict:
   """The ModelConfig fields a run's config chooses besides dtypes: how the
-  full-sequence forward is computed (remat policy, attention kind and block)."""
+  full-sequence forward is computed (remat policy, attention kind and block,
+  logits chunk)."""
   return dict(remat=config.model.remat, attention=config.model.attention,
-              attention_block=config.model.attention_block)
+              attention_block=config.model.attention_block,
+              logits_chunk=config.model.logits_chunk)
 
 
 def describe_policy(config, workdir: str):
