@@ -24,7 +24,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from mars import config_validation as mars_config
+from mars import config_validation
 from mars import demo, hardware, models, sharding
 from mars.config_validation import ConfigError
 from mars.models import UnsupportedConfigError
@@ -240,12 +240,12 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
   topo = hardware.get(name)
   mesh_shape = check_mesh(c, topo)
   try:
-    mars_config.validate(c, len(topo.devices))
-  except mars_config.ConfigError as e:
+    config_validation.validate(c, len(topo.devices))
+  except ConfigError as e:
     rows = mesh_shape[0] * mesh_shape[1]
     if "divisible by the data×fsdp mesh size" in str(e) and c.rl.micro_batch_size:
       # The usual case: a micro-batch sized for a smaller slice.
-      raise mars_config.ConfigError(
+      raise ConfigError(
           f"{e} On {topo.name}: try --config.rl.micro_batch_size={rows}, or put devices on "
           f"the tensor axis: "
           f"--config.mesh_shape=\"(1,{math.gcd(rows, c.rl.micro_batch_size)},-1)\"."

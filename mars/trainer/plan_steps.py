@@ -76,13 +76,21 @@ def matmul_params(cfg, lm_head: bool = True) -> int:
       cfg.vocab_size * D if lm_head else 0)
 
 
-def attention_flops(cfg, rows: int, q_len: int, kv_len: int) -> float:
-  """QKᵀ and PV over every key slot: mars's attention is dense (masked, not skipped)."""
-  return 4.0 * rows * q_len * kv_len * cfg.num_heads * cfg.head_dim * cfg.num_layers
+def attention_flops(cfg, rows: int, q_len: int, kv_len: int, causal_blocks: int = 0) -> float:
+  """QKᵀ and PV. Dense attention (and the sampler's) scores every key slot, masked
+  or not; with `causal_blocks` (chunked attention's block size, q_len == kv_len)
+  only the n(n+1)/2 blocks on or below the diagonal of the n×n grid are computed."""
+  flops = 4.0 * rows * q_len * kv_len * cfg.num_heads * cfg.head_dim * cfg.num_layers
+  if causal_blocks:
+    n = math.ceil(q_len / min(causal_blocks, q_len))
+    flops *= (n + 1) / (2 * n)
+  return flops
 
 
 def forward_flops(cfg, rows: int, T: int, lm_head: bool = True) -> float:
-  return 2.0 * matmul_params(cfg, lm_head) * rows * T + attention_flops(cfg, rows, T, T)
+  """The full-sequence forward (update, logprob recompute) with the config's attention."""
+  block = cfg.attention_block if cfg.attention == "chunked" else 0
+  return 2.0 * matmul_params(cfg, lm_head) * rows * T + attention_flops(cfg, rows, T, T, block)
 
 
 # ----------------------------------------------------------------------------
@@ -170,7 +178,9 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt, critic_opt, mesh,
                                         state_sh)
   passes = 3 if model_cfg.remat == "none" else 4     # remat recomputes the forward in the backward
-  flops = passes * forward_flops(model_cfg, mb, T)
+  # The lm_head is outside the remat'ed layers; chunked logits recompute it in the backward.
+  head_passes = 4 if model_cfg.logits_chunk and model_cfg.logits_chunk < T else 3
+  flops = passes * forward_flops(model_cfg, mb, T, lm_head=False) + head_passes * 2.0 * V * D * mb * T
   if has_critic:
     flops += passes * forward_flops(model_cfg, mb, T, lm_head=False)
   w = (f["params"] + f["critic"]) / 4 * cbytes      # compute-dtype copy of the masters
