@@ -119,7 +119,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.vf_coef = 1.0
   c.rl.ppo_epochs = 1
   c.rl.minibatch_size = 0         # rows per optimizer update; 0 = the whole rollout batch
-  c.rl.micro_batch_size = 0       # rows per gradient-accumulation step; 0 = minibatch
+  # Rows per gradient-accumulation step (also the log-prob/value recompute's
+  # micro batch); 0 = the minibatch; "auto" = the largest divisor of the
+  # minibatch (a multiple of data×fsdp) whose compiled update fits this run's
+  # devices with auto_micro_batch_margin to spare (mars/trainer/auto_micro_batch.py),
+  # sized for rows of auto_micro_batch_prompt_len prompt tokens + the response budget.
+  c.rl.micro_batch_size = ml_collections.FieldReference(0, field_type=object)
+  c.rl.auto_micro_batch_margin = 0.1
+  c.rl.auto_micro_batch_prompt_len = 1024
   # PPO's old_logp, and LTE's behaviour logp of its hinted replacements (under
   # the hinted prompt): a trainer forward pass (True, as verl does: the
   # sampler's numerics, bf16 decode and other kernels, differ from the

@@ -94,7 +94,19 @@ def validate(c, num_devices: int = None) -> None:
                       f"divisible by rl.minibatch_size={mb}.")
   if c.algorithm != "ppo" and mb % G:
     raise ConfigError(f"rl.minibatch_size={mb} must be a multiple of rollout.group_size={G}.")
-  micro = c.rl.micro_batch_size or mb
+  micro = c.rl.micro_batch_size
+  if micro == "auto":
+    if not 0 <= c.rl.auto_micro_batch_margin < 1:
+      raise ConfigError(f"rl.auto_micro_batch_margin must be in [0, 1), got "
+                        f"{c.rl.auto_micro_batch_margin}.")
+    if c.rl.auto_micro_batch_prompt_len < 1:
+      raise ConfigError(f"rl.auto_micro_batch_prompt_len must be >= 1, got "
+                        f"{c.rl.auto_micro_batch_prompt_len}.")
+    micro = mb
+  elif isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+    raise ConfigError(f"rl.micro_batch_size must be a row count >= 0 (0 = the minibatch) or "
+                      f"\"auto\", got {micro!r}.")
+  micro = micro or mb
   if mb % micro:
     raise ConfigError(f"rl.minibatch_size={mb} is not divisible by rl.micro_batch_size={micro}.")
   if num_devices is not None:

@@ -13,6 +13,7 @@ category against the chip's capacity, FLOPs and bytes, a modeled time, and a
 verdict. docs/plan.md explains every figure. Exit status: 0 when every step
 fits, 1 when one does not, 2 on bad input.
 """
+import copy
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from mars import demo, hardware, models, sharding
 from mars.config_validation import ConfigError
 from mars.models import UnsupportedConfigError
 from mars.sharding import ShardingError
-from mars.trainer import plan_steps, policy
+from mars.trainer import auto_micro_batch, plan_steps, policy
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -105,30 +106,22 @@ def check_mesh(c, topo) -> tuple:
 def _capacity(topo):
   if topo.chip is not None:
     return topo.per_device(topo.chip.hbm_bytes), "HBM"
-  stats = topo.devices[0].memory_stats() if hasattr(topo.devices[0], "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    return float(stats["bytes_limit"]), "device memory"
-  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return ram / len(topo.devices), "host RAM / devices"
+  return plan_steps.local_capacity(topo.devices[0])
 
 
 def analyze(step, topo, capacity) -> dict:
   """Compiles one step; its per-device memory, cost and modeled time."""
   t0 = time.perf_counter()
   try:
-    compiled = step.fn.lower(*step.args, **step.kwargs).compile()
-    mem, cost = compiled.memory_analysis(), compiled.cost_analysis() or {}
-    xla = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
-               alias=mem.alias_size_in_bytes, temps=mem.temp_size_in_bytes,
-               code=mem.generated_code_size_in_bytes)
+    compiled, xla, _ = plan_steps.compile_footprint(step)
+    cost = compiled.cost_analysis() or {}
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses a program over HBM; its message still says how much it needed.
     xla, cost = _oom_figures(str(e), step), {}
   compile_s = time.perf_counter() - t0
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla.update(flops=float(cost.get("flops", 0.0)), bytes=float(cost.get("bytes accessed", 0.0)))
-  total = step.resident + (xla["arguments"] + xla["outputs"] - xla["alias"] + xla["temps"]
-                           + xla["code"])
+  total = plan_steps.total_bytes(step, xla)
   named = sum(step.named.values())
   r = dict(step=step.name, shape=step.shape, compile_s=compile_s, **step.named,
            temps=xla["temps"], other=max(total - named - xla["temps"], 0),
@@ -253,13 +246,17 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
     raise
   model_cfg = model_config(c, model_dir)
   mesh = sharding.make_mesh(mesh_shape, devices=topo.devices)
+  capacity, cap_what = cap = _capacity(topo)
+  if c.rl.micro_batch_size == "auto":   # what mars.train would choose on this slice
+    c = copy.deepcopy(c)
+    c.rl.micro_batch_size = auto_micro_batch.resolve(c, model_cfg, mesh, capacity, prompt_len)
+    log(f"{topo.name}: rl.micro_batch_size=auto -> {c.rl.micro_batch_size}")
   built, facts = plan_steps.build(c, model_cfg, mesh, prompt_len)
   unknown = set(steps or ()) - {s.name.split("+")[0] for s in built} - {"values"}
   if unknown:
     raise PlanError(f"unknown step(s) {sorted(unknown)}; steps: update, logprob, values, "
                     f"prefill, decode.")
   built = [s for s in built if not steps or s.name.split("+")[0] in steps]
-  capacity, cap_what = cap = _capacity(topo)
   results = []
   for step in built:
     r = analyze(step, topo, cap)

@@ -12,7 +12,7 @@ import pytest
 from mars import config as mars_config
 from mars import config_validation
 from mars import models, sharding
-from mars.trainer import loop, policy, rollout_phase, run_state
+from mars.trainer import loop, policy, rollout_phase, specs
 from mars.batch import empty_batch
 from mars.rl import optim, step as step_lib
 
@@ -34,11 +34,11 @@ def test_real_config_builds_abstract_train_state(name, shared_dir):
   model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype, dtype=c.model.dtype,
                                  **policy.compute_options(c))
   mesh = sharding.make_mesh((1, 4, 2))
-  policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
-  critic_opt = (optim.make_optimizer(run_state.optim_config(c.critic_optim, c))
+  policy_opt = optim.make_optimizer(specs.optim_config(c.actor_optim, c))
+  critic_opt = (optim.make_optimizer(specs.optim_config(c.critic_optim, c))
                 if c.algorithm == "ppo" else None)
   shardings = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
-  abstract = jax.eval_shape(lambda: run_state.abstract_train_state(model_cfg, policy_opt, critic_opt))
+  abstract = jax.eval_shape(lambda: specs.abstract_train_state(model_cfg, policy_opt, critic_opt))
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   assert n_params == model_cfg.num_params()
   expected = {"qwen2.5-math-1.5b": 1.54e9, "qwen3-4b-base": 4.02e9, "qwen3-8b-base": 8.19e9}
@@ -107,16 +107,16 @@ def test_shortened_cosine_run_shortens_its_warmup():
   while an explicit total_steps under the warmup stays an error."""
   c = load("tiny")
   c.train.steps, c.data.prompts_per_step, c.rollout.group_size, c.rl.minibatch_size = 2, 8, 4, 16
-  o = run_state.optim_config(c.actor_optim, c)
+  o = specs.optim_config(c.actor_optim, c)
   assert (o["schedule"], o["total_steps"], o["warmup_steps"]) == ("cosine", 4, 2)
   lr = optim.make_schedule(o)
   peak, floor = c.actor_optim.lr, c.actor_optim.lr * c.actor_optim.min_lr_ratio
   assert [float(lr(i)) for i in (0, 2, 4)] == pytest.approx([0.0, peak, floor])
   c.train.steps = 100  # the full demo keeps its configured warmup
-  assert run_state.optim_config(c.actor_optim, c)["warmup_steps"] == c.actor_optim.warmup_steps
+  assert specs.optim_config(c.actor_optim, c)["warmup_steps"] == c.actor_optim.warmup_steps
   c.actor_optim.total_steps = 4
   with pytest.raises(ValueError, match="total_steps > warmup_steps"):
-    optim.make_schedule(run_state.optim_config(c.actor_optim, c))
+    optim.make_schedule(specs.optim_config(c.actor_optim, c))
 
 
 @pytest.mark.parametrize("name,param_dtype", [("multi_attempt_1p5b", None), ("grpo_4b", None),
@@ -132,13 +132,13 @@ def test_update_step_returns_the_state_it_was_given(name, param_dtype, shared_di
   model_cfg = models.load_config(str(model_dir), param_dtype=c.model.dtype,
                                  dtype=c.model.compute_dtype, **policy.compute_options(c))
   mesh = sharding.make_mesh((1, 4, 2))
-  policy_opt, critic_opt = run_state.make_optimizers(c)
+  policy_opt, critic_opt = specs.make_optimizers(c)
   shardings = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
-  state = jax.eval_shape(lambda: run_state.abstract_train_state(model_cfg, policy_opt, critic_opt))
+  state = jax.eval_shape(lambda: specs.abstract_train_state(model_cfg, policy_opt, critic_opt))
   rows, length = 8, 64
   batch = jax.eval_shape(lambda: empty_batch(rows, length, jnp))
   adv = jax.ShapeDtypeStruct((rows, length), jnp.float32)
-  train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt,
+  train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(c), policy_opt,
                                         critic_opt, mesh, shardings)
   out, _ = jax.eval_shape(train_step, state, batch, adv, adv)
   assert jax.tree.structure(out) == jax.tree.structure(state)

@@ -62,7 +62,7 @@ def test_tpu_plan_memory_matches_shapes():
 
 def test_local_plan_matches_real_compiled_step():
   from mars.rl import optim, step as step_lib
-  from mars.trainer import run_state
+  from mars.trainer import specs
   c = tiny()
   p = plan.plan_topology(c, "local", steps=("update",), log=lambda s: None)
   r = p["steps"][0]
@@ -70,7 +70,7 @@ def test_local_plan_matches_real_compiled_step():
   # A real state on the same mesh, compiled through the same train step.
   model_cfg = plan.model_config(c)
   mesh = sharding.make_mesh(tuple(c.mesh_shape))
-  policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
+  policy_opt = optim.make_optimizer(specs.optim_config(c.actor_optim, c))
   state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt)
   params = qwen.init_params(model_cfg, jax.random.key(0))
   state = jax.device_put(step_lib.init_train_state(params, policy_opt), state_sh)
@@ -81,7 +81,7 @@ def test_local_plan_matches_real_compiled_step():
   from mars.batch import empty_batch
   batch = jax.device_put(empty_batch(mb, T), step_lib.batch_shardings(mesh))
   zeros = jax.device_put(jnp.zeros((mb, T), jnp.float32), sharding.batch_sharding(mesh, 2))
-  train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt, None, mesh,
+  train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(c), policy_opt, None, mesh,
                                         state_sh)
   mem = train_step.jitted.lower(state, batch, zeros, zeros).compile().memory_analysis()
   assert r["xla"]["temps"] == mem.temp_size_in_bytes
@@ -129,3 +129,52 @@ def test_topology_names():
   assert hardware.parse_names("v5p-8, v6e-8") == ["v5p-8", "v6e-8"]
   assert hardware.TOPOLOGIES["v5p-64"] == ("v5p", "2x4x4")
   assert np.isclose(hardware.CHIPS["v6e"].peak_flops, 918e12)
+
+
+def test_auto_micro_batch_is_the_largest_that_fits():
+  """rl.micro_batch_size=auto on this machine's 8 CPU devices: with a capacity
+  placed between two candidates' compiled needs, it picks the smaller one; with
+  less than the smallest candidate needs, one error line names the fixes."""
+  from mars.config_validation import ConfigError
+  from mars.trainer import auto_micro_batch
+  c = tiny()
+  c.rl.micro_batch_size = "auto"
+  model_cfg = plan.model_config(c)
+  mesh = sharding.make_mesh((1, 8, 1))
+  options = auto_micro_batch.candidates(c, mesh)
+  assert options == [8, 16, 32, 64]      # divisors of the 64-row minibatch, multiples of 8
+  need = {m: auto_micro_batch.update_bytes(c, model_cfg, mesh, 64, m) for m in options}
+  assert all(need[a] < need[b] for a, b in zip(options, options[1:]))   # more rows, more bytes
+  c.rl.auto_micro_batch_margin = 0.0
+  capacity = (need[16] + need[32]) / 2
+  assert auto_micro_batch.resolve(c, model_cfg, mesh, capacity, prompt_len=64) == 16
+  assert auto_micro_batch.resolve(c, model_cfg, mesh, need[64], prompt_len=64) == 64
+  c.rl.auto_micro_batch_margin = 0.5   # the margin is taken off the capacity
+  assert auto_micro_batch.resolve(c, model_cfg, mesh, 2 * need[8], prompt_len=64) == 8
+  with pytest.raises(ConfigError, match=r"^rl.micro_batch_size=auto: even micro batch 8 needs "
+                     r".* GiB per device of .* GiB usable; set model.remat=full, .*fsdp axis"):
+    auto_micro_batch.resolve(c, model_cfg, mesh, need[8], prompt_len=64)
+
+
+def test_micro_batch_size_takes_auto_or_a_count_from_the_command_line():
+  """`--config.rl.micro_batch_size=auto` reaches the resolver through the CLI (here
+  mars.plan on the local devices: what mars.train would pick); a count still
+  works; anything else is one error line."""
+  from mars import config_validation
+  cmd = [sys.executable, "-m", "mars.plan", f"--config={CONFIGS / 'tiny.py'}",
+         "--topology=local", "--steps=update"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd + ["--config.rl.micro_batch_size=auto"], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  # Host RAM is far more than the demo's update needs: the whole minibatch (64 rows).
+  assert "local: rl.micro_batch_size=auto -> 64" in out.stdout, out.stdout
+  assert "micro 64" in out.stdout
+  out = subprocess.run(cmd + ["--config.rl.micro_batch_size=16"], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=600)
+  assert out.returncode == 0 and "micro 16" in out.stdout, out.stderr[-2000:]
+  c = tiny()
+  c.rl.micro_batch_size = "half"
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'rl.micro_batch_size must be a row count >= 0 .* or "auto", got \'half\''):
+    config_validation.validate(c, 1)

@@ -26,7 +26,7 @@ from mars import config as mars_config
 from mars import distributed, eval_metrics, eval_report, models, rewards, sampling, sharding
 from mars import tokenizer as tok_lib
 from mars.episodes import multi_attempt, single_turn
-from mars.trainer import run_state
+from mars.trainer import run_state, specs
 from mars.trainer.eval_settings import (EvalError, checkpoint_kind, fill_run_defaults,
                                         load_problems, trainer_eval_config, validate)
 
@@ -220,7 +220,7 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
                               boxes=cfg.grader_boxes)
     grade_fn, close = pool.grade_batch, pool.close
   sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                             mesh=mesh, queue_len=run_state.SAMPLER_QUEUE_LEN)
+                             mesh=mesh, queue_len=specs.SAMPLER_QUEUE_LEN)
   # A run's checkpoint holds fp32 masters: sample from one compute-dtype copy.
   policy = Policy(sampler, sampler.rollout_params(params), tokenizer, grade_fn,
                   pad_multiple=sharding.batch_shards(mesh))

@@ -10,6 +10,7 @@ micro-batch scan and the decode loop).
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Optional
 
 import jax
@@ -21,9 +22,9 @@ from mars.episodes import multi_attempt, packing
 from mars.models import qwen
 from mars.rl import optim, step as step_lib
 from mars.sampling import engine
-from mars.trainer import run_state
+from mars.trainer import specs
 
-QUEUE_LEN = run_state.SAMPLER_QUEUE_LEN  # the trainer's Sampler
+QUEUE_LEN = specs.SAMPLER_QUEUE_LEN  # the trainer's Sampler
 FEEDBACK_TOKENS = 64    # a feedback turn, upper estimate (sizes the multi-attempt cache)
 
 
@@ -54,6 +55,37 @@ def device_bytes(tree) -> int:
     shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
     total += math.prod(shape) * itemsize
   return total
+
+
+def compile_footprint(step: Step) -> tuple:
+  """(compiled, xla figures, per-device total bytes) of `step` on its devices.
+
+  The total is what the device must hold while the program runs: the bytes kept
+  outside it (step.resident) + its arguments + outputs not aliased to donated
+  arguments + XLA's temporaries + code. Raises jax.errors.JaxRuntimeError when
+  the compiler refuses the program (a TPU compile over HBM).
+  """
+  compiled = step.fn.lower(*step.args, **step.kwargs).compile()
+  mem = compiled.memory_analysis()
+  xla = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+             alias=mem.alias_size_in_bytes, temps=mem.temp_size_in_bytes,
+             code=mem.generated_code_size_in_bytes)
+  return compiled, xla, total_bytes(step, xla)
+
+
+def total_bytes(step: Step, xla: dict) -> float:
+  return step.resident + (xla["arguments"] + xla["outputs"] - xla["alias"] + xla["temps"]
+                          + xla["code"])
+
+
+def local_capacity(device) -> tuple:
+  """(bytes, source) one local device can hold: its allocator's limit (GPU, TPU),
+  else this host's RAM shared by its devices (CPU)."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return float(stats["bytes_limit"]), "device memory"
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return ram / len(device.client.local_devices()), "host RAM / devices"
 
 
 def _abstract(tree, shardings):
@@ -126,20 +158,23 @@ def geometry(c, prompt_len: int) -> Geometry:
 # ----------------------------------------------------------------------------
 # The steps.
 
-def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
-  """(steps, facts) for config `c` on `mesh`; facts are per-device byte counts."""
+def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> tuple:
+  """(steps, facts) for config `c` on `mesh`; facts are per-device byte counts.
+  `only`: build just these steps (names as in the plan: update, logprob, values,
+  prefill, decode)."""
+  want = lambda name: only is None or name in only
   ndev = mesh.size
   tensor = sharding.mesh_axis_size(mesh, "tensor")
   geo = geometry(c, prompt_len)
-  policy_opt = optim.make_optimizer(run_state.optim_config(c.actor_optim, c))
-  critic_opt = (optim.make_optimizer(run_state.optim_config(c.critic_optim, c))
+  policy_opt = optim.make_optimizer(specs.optim_config(c.actor_optim, c))
+  critic_opt = (optim.make_optimizer(specs.optim_config(c.critic_optim, c))
                 if c.algorithm == "ppo" else None)
   state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
-  state = _abstract(jax.eval_shape(lambda: run_state.abstract_train_state(model_cfg, policy_opt, critic_opt)),
+  state = _abstract(jax.eval_shape(lambda: specs.abstract_train_state(model_cfg, policy_opt, critic_opt)),
                     state_sh)
   ref = None
   if c.rl.kl_coef > 0:
-    ref = _abstract(jax.eval_shape(lambda p: run_state.reference_params(model_cfg, p), state.params),
+    ref = _abstract(jax.eval_shape(lambda p: specs.reference_params(model_cfg, p), state.params),
                     state_sh.params)
   rollout_params = _abstract(jax.eval_shape(lambda p: qwen.cast_params(p, model_cfg.dtype),
                                             state.params), state_sh.params)
@@ -175,7 +210,7 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
   # The update: one optimizer step on one minibatch (actor and critic together).
   sharding.check_batch(mb, mesh, "minibatch")
   sharding.check_batch(micro or mb, mesh, "micro_batch_size")
-  train_step = step_lib.make_train_step(model_cfg, run_state.rl_step_config(c), policy_opt, critic_opt, mesh,
+  train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(c), policy_opt, critic_opt, mesh,
                                         state_sh)
   passes = 3 if model_cfg.remat == "none" else 4     # remat recomputes the forward in the backward
   # The lm_head is outside the remat'ed layers; chunked logits recompute it in the backward.
@@ -254,4 +289,4 @@ def build(c, model_cfg, mesh, prompt_len: int) -> tuple:
       / ndev, hbm_bytes=ideal, ideal_bytes=ideal, loop_trips=L,
       shape=f"{B * n} rows, cache {S} (one token)"))
   facts = dict(f, kv_cache=kv, train_state=train_state, geometry=dataclasses.asdict(geo))
-  return steps, facts
+  return [st for st in steps if want(st.name.split("+")[0])], facts

@@ -10,20 +10,14 @@ import os
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from mars import checkpoint, config_validation, distributed, models, sampling, sharding
+from mars import checkpoint, config_validation, distributed, sampling, sharding
 from mars import data as data_lib
 from mars import metrics as metrics_lib
 from mars.rl import critic as critic_lib
-from mars.rl import optim
 from mars.rl import step as step_lib
-from mars.trainer import policy
-
-# Forced tokens a row can queue at once (a multi-attempt feedback turn is ~30 tokens).
-SAMPLER_QUEUE_LEN = 128
-
+from mars.trainer import auto_micro_batch, plan_steps, policy, specs
 
 @dataclasses.dataclass
 class Run:
@@ -46,70 +40,15 @@ class Run:
   close: Callable
 
 
-def updates_per_step(config) -> int:
-  rows = config.data.prompts_per_step * config.rollout.group_size
-  return config.rl.ppo_epochs * (rows // (config.rl.minibatch_size or rows))
-
-
-def optim_config(opt_cfg, config) -> dict:
-  """An optimizer section as a dict, with total_steps derived from the run's length if unset."""
-  o = opt_cfg.to_dict()
-  if o["total_steps"]:
-    return o
-  # Derived from the run's length: a run shortened on the command line (a
-  # smoke test of a cosine config) keeps a decay by shortening the warmup to
-  # half the updates, rather than failing. An explicit total_steps is kept as
-  # set, and one not above the warmup stays an error.
-  o["total_steps"] = config.train.steps * updates_per_step(config)
-  busy = o["total_steps"] - o["delay_steps"]
-  if o["schedule"] == "cosine" and busy <= o["warmup_steps"]:
-    logging.warning("cosine schedule: %d updates after the delay do not exceed warmup_steps=%d; "
-                    "warming up for %d.", busy, o["warmup_steps"], busy // 2)
-    o["warmup_steps"] = max(busy // 2, 0)
-  return o
-
-
-def rl_step_config(config) -> dict:
-  """config.rl as the update step reads it."""
-  r = config.rl.to_dict()
-  r["micro_batch_size"] = r["micro_batch_size"] or None
-  if config.rl.kl_in_reward:
-    r["kl_coef"] = 0.0  # the KL enters the reward, not the loss
-  return r
-
-
-def make_optimizers(config):
-  """(policy optimizer, critic optimizer or None)."""
-  policy_opt = optim.make_optimizer(optim_config(config.actor_optim, config))
-  critic_opt = (optim.make_optimizer(optim_config(config.critic_optim, config))
-                if config.algorithm == "ppo" else None)
-  return policy_opt, critic_opt
-
-
-def reference_params(model_cfg, params):
-  """The frozen KL reference: a copy in the compute dtype. It only feeds a
-  forward pass, which casts to that dtype anyway, so fp32 storage would buy
-  nothing and cost twice the memory (verl keeps its reference in bf16 too)."""
-  ref = models.cast_params(params, model_cfg.dtype)
-  return jax.tree.map(jnp.copy, ref) if ref is params else ref  # params are donated later
-
-
-def abstract_train_state(model_cfg, policy_opt, critic_opt):
-  """Call under jax.eval_shape: the train state's tree, without allocating it."""
-  params = models.init_params(model_cfg, jax.random.key(0))
-  critic = critic_lib.init_critic(params, model_cfg, jax.random.key(0)) if critic_opt else None
-  return step_lib.init_train_state(params, policy_opt, critic, critic_opt)
-
-
 def checkpoint_items(config, model_cfg, state_sh, policy_opt, critic_opt, from_hf: bool) -> dict:
   """The abstract items a checkpoint holds: the train state, and the KL reference
   when it is not the HF checkpoint (the demo's reference is its warm start)."""
   train = checkpoint.abstract_like(
-      jax.eval_shape(lambda: abstract_train_state(model_cfg, policy_opt, critic_opt)), state_sh)
+      jax.eval_shape(lambda: specs.abstract_train_state(model_cfg, policy_opt, critic_opt)), state_sh)
   items = {"train": train}
   if config.rl.kl_coef > 0 and not from_hf:
     items["ref"] = checkpoint.abstract_like(
-        jax.eval_shape(lambda p: reference_params(model_cfg, p), train.params), state_sh.params)
+        jax.eval_shape(lambda p: specs.reference_params(model_cfg, p), train.params), state_sh.params)
   return items
 
 
@@ -129,8 +68,12 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
       process_index=jax.process_index(), process_count=jax.process_count())
   tokenizer, model_cfg, params, from_hf = policy.load_policy(config, workdir, mesh)
   sharding.check_heads(model_cfg.num_heads, mesh)
+  if config.rl.micro_batch_size == "auto":
+    # Resolved once, before anything reads it; config.json records the choice.
+    capacity, _ = plan_steps.local_capacity(jax.local_devices()[0])
+    config.rl.micro_batch_size = auto_micro_batch.resolve(config, model_cfg, mesh, capacity)
 
-  policy_opt, critic_opt = make_optimizers(config)
+  policy_opt, critic_opt = specs.make_optimizers(config)
   state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
   needs_ref = config.rl.kl_coef > 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep,
@@ -143,7 +86,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
     params = jax.device_put(params, state_sh.params)
     critic = (critic_lib.init_critic(params, model_cfg, jax.random.fold_in(base_key, 1))
               if critic_opt is not None else None)
-    ref = reference_params(model_cfg, params) if needs_ref else None
+    ref = specs.reference_params(model_cfg, params) if needs_ref else None
     state = jax.device_put(step_lib.init_train_state(params, policy_opt, critic, critic_opt),
                            state_sh)
   else:
@@ -151,7 +94,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
         checkpoint_items(config, model_cfg, state_sh, policy_opt, critic_opt, from_hf))
     state, ref = restored["train"], restored.get("ref")
     if needs_ref and from_hf:  # the reference is the HF checkpoint
-      ref = reference_params(model_cfg, jax.device_put(params, state_sh.params))
+      ref = specs.reference_params(model_cfg, jax.device_put(params, state_sh.params))
     pipeline.set_state(meta["pipeline"])
     base_key = checkpoint.key_from_json(meta["key"])
     logging.info("Resumed from step %d in %s", start_step, workdir)
@@ -168,8 +111,8 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
   if grade_fn is None:
     grade_fn, close_grader = policy.make_grade_fn(config)
   sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                             mesh=mesh, queue_len=SAMPLER_QUEUE_LEN)
-  train_step = step_lib.make_train_step(model_cfg, rl_step_config(config), policy_opt, critic_opt,
+                             mesh=mesh, queue_len=specs.SAMPLER_QUEUE_LEN)
+  train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(config), policy_opt, critic_opt,
                                         mesh, state_sh)
 
   def close():
@@ -209,7 +152,7 @@ def restore_policy(workdir: str, step: Optional[int] = None, mesh=None):
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint found in {workdir}/checkpoints.")
   tokenizer, model_cfg, from_hf = policy.describe_policy(config, workdir)
-  policy_opt, critic_opt = make_optimizers(config)
+  policy_opt, critic_opt = specs.make_optimizers(config)
   state_sh = step_lib.train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
   restored_step, restored, _ = ckpt.restore(
       checkpoint_items(config, model_cfg, state_sh, policy_opt, critic_opt, from_hf), step)
