@@ -166,6 +166,7 @@ def setup_mars(preset, data, model_dict):
   from mars.models import from_hf_dict, init_params
   from mars.rl import optim
   from mars.rl import step as step_lib
+  from mars.rl import micro as micro_lib
 
   hf = dict(model_dict, model_type="qwen2")
   cfg = from_hf_dict(hf, param_dtype=preset["param_dtype"], dtype=preset["compute_dtype"],
@@ -188,7 +189,7 @@ def setup_mars(preset, data, model_dict):
   state = init(jax.random.key(0))
   # old_logp = the policy's own logprobs: ratio 1, so the first update is exactly
   # -mean(A·∇logp), the torch loss. (Untimed; later steps drift by lr-sized amounts.)
-  old = step_lib.compute_logprobs(cfg, state.params, batch,
+  old = micro_lib.compute_logprobs(cfg, state.params, batch,
                                   micro_batch_size=preset["micro_batch"], mesh=mesh)
   batch = batch.replace(old_logp=old)
   train_step = step_lib.make_train_step(cfg, rl_cfg, opt, None, mesh, shardings)

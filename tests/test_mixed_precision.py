@@ -17,6 +17,7 @@ from mars.models import cast_params, init_params, tiny_config
 from mars.rl import critic as critic_lib
 from mars.rl import optim
 from mars.rl import step as step_lib
+from mars.rl import micro as micro_lib
 from test_step import make_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,9 +135,9 @@ def test_bf16_compute_tracks_fp32_over_20_steps():
     train_step = step_lib.make_train_step(cfg, _rl_cfg(), policy_opt, critic_opt)
     curve = []
     for _ in range(20):
-      old = step_lib.compute_logprobs(cfg, state.params, batch0)
+      old = micro_lib.compute_logprobs(cfg, state.params, batch0)
       batch = batch0.replace(old_logp=old, behaviour_logp=old, ref_logp=old,
-                             values=step_lib.compute_values(cfg, state.critic_params, batch0))
+                             values=micro_lib.compute_values(cfg, state.critic_params, batch0))
       nll = -float(jnp.sum(jnp.where(batch0.loss_mask, old, 0)) / jnp.sum(batch0.loss_mask))
       state, metrics = train_step(state, batch, advantages, returns)
       curve.append((nll, float(metrics["critic_loss"])))

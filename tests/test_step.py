@@ -16,6 +16,7 @@ from mars.models import init_params, tiny_config, token_logprobs
 from mars.rl import critic as critic_lib
 from mars.rl import optim
 from mars.rl import step as step_lib
+from mars.rl import micro as micro_lib
 
 TINY = tiny_config("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -199,7 +200,7 @@ def test_critic_value_loss_decreases(params, opt, batch):
   assert vf[-1] < 0.5 * vf[0], vf
   assert int(state.skipped_updates) == 0
   # The value recompute matches the critic's forward, micro-batched.
-  values = step_lib.compute_values(TINY, state.critic_params, b, micro_batch_size=2)
+  values = micro_lib.compute_values(TINY, state.critic_params, b, micro_batch_size=2)
   direct = critic_lib.critic_values(TINY, state.critic_params, b.tokens, b.attention_mask,
                                     b.positions)
   np.testing.assert_allclose(values, direct, atol=1e-5)
@@ -207,7 +208,7 @@ def test_critic_value_loss_decreases(params, opt, batch):
 
 def test_logprob_recompute_matches_token_logprobs(params, batch):
   b, _, _ = batch
-  got = step_lib.compute_logprobs(TINY, params, b, micro_batch_size=2)
+  got = micro_lib.compute_logprobs(TINY, params, b, micro_batch_size=2)
   want = token_logprobs(TINY, params, b.tokens, b.attention_mask, b.positions)
   np.testing.assert_allclose(got, want, atol=1e-5)
 

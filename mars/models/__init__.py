@@ -11,7 +11,8 @@ from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir,
 from mars.models.logprobs import (entropy_from_logits, logprobs_from_hidden, logprobs_from_logits,
                                   sequence_logprobs, token_logprobs)
 from mars.models.qwen import (KVCache, cache_axes, cast_params, decode_step, extend, forward, init_cache,
-                              init_params, param_axes, param_shapes, prefill, rope_frequencies)
+                              init_params, param_axes, param_shapes, prefill)
+from mars.models.rope import rope_frequencies
 
 
 def param_shardings(cfg, mesh):

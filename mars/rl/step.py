@@ -1,4 +1,5 @@
-"""The jitted, sharded RL update: logprob/value recompute, one train step, PPO epochs.
+"""The jitted, sharded RL update: one train step (micro-batched gradients and the
+optimizer update) and the PPO epochs over minibatches; the recompute is rl/micro.py.
 
     policy_opt = optim.make_optimizer(cfg.actor_optim)
     state = init_train_state(params, policy_opt, critic_params, critic_opt)
@@ -38,7 +39,6 @@ Feedback tokens (`transparent_mask`) are out of every loss: the contract keeps
 them outside `loss_mask`, and the step also masks them out (`loss_mask &
 ~transparent_mask`), reporting any overlap as `transparent_in_loss_mask`.
 """
-import functools
 from typing import Any, Optional
 
 import jax
@@ -48,91 +48,16 @@ import optax
 
 from mars import sharding
 from mars.batch import RolloutBatch
-from mars.models import logprobs, qwen
+from mars.models import logprobs
 from mars.models.config import ModelConfig
 from mars.rl import correction
 from mars.rl import critic as critic_lib
 from mars.rl import losses
+from mars.rl import micro as micro_lib
 from mars.rl.train_state import (  # re-exported: the step's state and shardings
     TrainState, batch_shardings, init_train_state, train_state_shardings)
 
 Params = Any
-
-
-# ----------------------------------------------------------------------------
-# Micro-batching.
-
-def _num_micro(batch_size: int, micro_batch_size: Optional[int]) -> int:
-  if not micro_batch_size or micro_batch_size >= batch_size:
-    return 1
-  if batch_size % micro_batch_size:
-    raise ValueError(f"batch of {batch_size} rows is not divisible by "
-                     f"micro_batch_size={micro_batch_size}.")
-  return batch_size // micro_batch_size
-
-
-def _split(x, n: int):
-  """[B, ...] -> [n, B/n, ...]; micro-batch i holds rows i, i+n, ... (spans every shard)."""
-  return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
-
-
-def _merge(x):
-  """Inverse of `_split`."""
-  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
-
-
-def _constrain_rows(tree):
-  return jax.tree.map(lambda x: sharding.constrain(x, ("batch",) + ("length",) * (x.ndim - 1)),
-                      tree)
-
-
-# ----------------------------------------------------------------------------
-# Logprob / value recompute.
-
-@functools.lru_cache(maxsize=None)
-def _recompute_fn(cfg: ModelConfig, mesh, micro_batch_size, what: str):
-  def run(params, tokens, attention_mask, positions):
-    with sharding.use_mesh(mesh):
-      n = _num_micro(tokens.shape[0], micro_batch_size)
-
-      def one(xs):
-        tok, am, pos = _constrain_rows(xs)
-        if what == "values":
-          return critic_lib.critic_values(cfg, params, tok, am, pos)
-        return logprobs.sequence_logprobs(cfg, params, tok, am, pos)[0]
-
-      # lax.map: one micro-batch of logits alive at a time.
-      out = jax.lax.map(one, tuple(_split(x, n) for x in (tokens, attention_mask, positions)))
-      return sharding.constrain(_merge(out), ("batch", "length"))
-
-  if mesh is None:
-    return jax.jit(run)
-  p_sh = (critic_lib.critic_shardings(cfg, mesh) if what == "values" else
-          sharding.tree_shardings(mesh, qwen.param_axes(cfg), qwen.param_shapes(cfg)))
-  rows = sharding.batch_sharding(mesh, 2)
-  return jax.jit(run, in_shardings=(p_sh, rows, rows, rows), out_shardings=rows)
-
-
-def compute_logprobs(cfg: ModelConfig, params: Params, batch: RolloutBatch, *,
-                     micro_batch_size: Optional[int] = None, mesh=None):
-  """log π(tokens[:, t] | tokens[:, :t]) for a RolloutBatch: [B, T] f32, column 0 is 0.
-
-  Used for `old_logp` (policy params) and `ref_logp` (reference params). Runs
-  under the params' logical shardings with rows over data×fsdp when `mesh` is given.
-  """
-  if mesh is not None:
-    sharding.check_batch(micro_batch_size or batch.tokens.shape[0], mesh, "micro_batch_size")
-  fn = _recompute_fn(cfg, mesh, micro_batch_size, "logprobs")
-  return fn(params, batch.tokens, batch.attention_mask, batch.positions)
-
-
-def compute_values(cfg: ModelConfig, critic_params: Params, batch: RolloutBatch, *,
-                   micro_batch_size: Optional[int] = None, mesh=None):
-  """Critic values V(s_t) for a RolloutBatch: [B, T] f32 (see mars.rl.critic)."""
-  if mesh is not None:
-    sharding.check_batch(micro_batch_size or batch.tokens.shape[0], mesh, "micro_batch_size")
-  fn = _recompute_fn(cfg, mesh, micro_batch_size, "values")
-  return fn(critic_params, batch.tokens, batch.attention_mask, batch.positions)
 
 
 # ----------------------------------------------------------------------------
@@ -262,8 +187,8 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
   """
   mask = _train_mask(batch)
   denominator = _loss_denominator(mask, opts["agg_mode"])
-  n = _num_micro(batch.tokens.shape[0], opts["micro_batch_size"])
-  micro = jax.tree.map(lambda x: _split(x, n), (batch, advantages, returns))
+  n = micro_lib.num_micro(batch.tokens.shape[0], opts["micro_batch_size"])
+  micro = jax.tree.map(lambda x: micro_lib.split_micro(x, n), (batch, advantages, returns))
   has_critic = critic_params is not None
   zeros = lambda tree: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), tree)
   policy_grad_fn = jax.value_and_grad(policy_objective, has_aux=True)
@@ -271,7 +196,7 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
 
   def body(carry, xs):
     p_loss, p_grads, c_loss, c_grads = carry
-    mb, adv, ret = _constrain_rows(xs)
+    mb, adv, ret = micro_lib.constrain_rows(xs)
     (loss, metrics), grads = policy_grad_fn(params, cfg, opts, mb, adv, denominator)
     p_loss = p_loss + loss
     p_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), p_grads, grads)

@@ -21,6 +21,7 @@ from mars.batch import RolloutBatch
 from mars.episodes import multi_attempt, packing
 from mars.models import qwen
 from mars.rl import optim, step as step_lib
+from mars.rl import micro as micro_lib
 from mars.sampling import engine
 from mars.trainer import specs
 
@@ -238,7 +239,7 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
     if params is None:
       continue
     what_fn = "values" if critic_fwd else "logprobs"
-    fn = step_lib._recompute_fn(model_cfg, mesh, micro, what_fn)  # pylint: disable=protected-access
+    fn = micro_lib.recompute_fn(model_cfg, mesh, micro, what_fn)
     pb = f["critic"] if critic_fwd else f["params"]
     steps.append(Step(
         what, fn, (params,) + rows_args, {},

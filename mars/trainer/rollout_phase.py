@@ -12,6 +12,7 @@ from mars import distributed, host_metrics, sharding
 from mars.episodes import lte, multi_attempt, packing, single_turn
 from mars.rl import advantages
 from mars.rl import step as step_lib
+from mars.rl import micro as micro_lib
 from mars.trainer.run_state import Run
 
 
@@ -73,7 +74,7 @@ def rescore_responses(run: Run, rows) -> list:
   batch = jax.tree.map(distributed.global_array_from_local, host,
                        step_lib.batch_shardings(run.mesh))
   micro = c.rl.micro_batch_size or None
-  logp = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
+  logp = micro_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
                                    micro_batch_size=micro if micro and
                                    batch.tokens.shape[0] % micro == 0 else None, mesh=run.mesh)
   local = distributed.host_local(logp)

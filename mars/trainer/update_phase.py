@@ -12,6 +12,7 @@ from mars import distributed, host_metrics, sampling
 from mars.episodes import lte, packing
 from mars.rl import advantages, losses
 from mars.rl import step as step_lib
+from mars.rl import micro as micro_lib
 from mars.trainer.rollout_phase import local_prompts
 from mars.trainer.run_state import Run
 
@@ -77,7 +78,7 @@ def prepare_batch(run: Run, host_batch):
       host_batch, step_lib.batch_shardings(run.mesh))
   micro = c.rl.micro_batch_size or None
   if c.rl.recompute_old_logp:
-    recomputed = step_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
+    recomputed = micro_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
                                            micro_batch_size=micro, mesh=run.mesh)
     # Off-policy (LTE) rows keep the behaviour logprob under the hinted prompt.
     old_logp = lte.old_logp_for_loss(batch, recomputed)
@@ -86,10 +87,10 @@ def prepare_batch(run: Run, host_batch):
     # params: equal to a recompute up to kernel numerics.
     recomputed, old_logp = None, batch.behaviour_logp
   zeros = jnp.zeros_like(batch.behaviour_logp)
-  ref_logp = (step_lib.compute_logprobs(run.model_cfg, run.ref_params, batch,
+  ref_logp = (micro_lib.compute_logprobs(run.model_cfg, run.ref_params, batch,
                                         micro_batch_size=micro, mesh=run.mesh)
               if run.ref_params is not None else zeros)
-  values = (step_lib.compute_values(run.model_cfg, run.state.critic_params, batch,
+  values = (micro_lib.compute_values(run.model_cfg, run.state.critic_params, batch,
                                     micro_batch_size=micro, mesh=run.mesh)
             if run.state.critic_params is not None else zeros)
   return batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values), recomputed
