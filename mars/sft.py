@@ -118,6 +118,11 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
     params = jax.device_put(params, models.param_shardings(cfg, mesh))
     rows = sharding.batch_sharding(mesh, 2)
   opt_state = jax.jit(optimizer.init)(params)  # follows the params' sharding
+  if mesh is not None:
+    # Scalars (Adam's step count) come out of the step replicated on the mesh;
+    # placed so from the start, the step compiles once rather than twice.
+    rep = sharding.replicated(mesh)
+    opt_state = jax.tree.map(lambda x: jax.device_put(x, rep) if x.ndim == 0 else x, opt_state)
 
   device_metrics, start = [], time.time()
   for step, idx in enumerate(order, start=1):
