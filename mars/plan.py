@@ -179,6 +179,10 @@ def suggest(r, c, facts, topo, mesh_shape) -> str:
   if r["step"].startswith(("update", "logprob", "values")):
     if c.model.remat != "full":
       tips.append("model.remat=full")
+    if c.model.attention != "chunked":
+      tips.append("model.attention=chunked")
+    if not c.model.logits_chunk and r["step"] != "values":
+      tips.append("model.logits_chunk=1024")
     micro = c.rl.micro_batch_size or c.rl.minibatch_size or facts["geometry"]["rows"]
     if micro > batch_axis and r["temps"] > over:
       tips.append(f"rl.micro_batch_size={max(batch_axis, micro // 2)}")
