@@ -25,7 +25,7 @@ from mars import sharding
 from mars import models
 from mars.models import logprobs
 from mars.models.config import ModelConfig
-from mars.rl import optim
+from mars.rl import optim, train_state
 from mars.tokenizer import bucket_length
 
 
@@ -76,7 +76,10 @@ def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np
 
 @functools.lru_cache(maxsize=8)
 def _train_step(cfg: ModelConfig, mesh, opt_cfg: tuple):
-  """(optimizer, jitted step), cached: repeated runs with one setup compile once."""
+  """(optimizer, jitted init, jitted step), cached: repeated runs with one setup compile
+  once. With a mesh both take explicit shardings from the logical rules, as the RL
+  step does: params and Adam's moments by their axes, rows over data×fsdp, scalars
+  replicated."""
   optimizer = optim.make_optimizer(dict(opt_cfg))
 
   def train_step(params, opt_state, tokens, attention_mask, loss_mask):
@@ -87,7 +90,16 @@ def _train_step(cfg: ModelConfig, mesh, opt_cfg: tuple):
       params = jax.tree.map(jnp.add, params, updates)
     return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
-  return optimizer, jax.jit(train_step, donate_argnums=(0, 1))
+  if mesh is None:
+    return optimizer, jax.jit(optimizer.init), jax.jit(train_step, donate_argnums=(0, 1))
+  p_sh = models.param_shardings(cfg, mesh)
+  p_abs = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+  opt_sh = train_state.opt_state_shardings(optimizer, p_abs, p_sh, mesh)
+  rows, rep = sharding.batch_sharding(mesh, 2), sharding.replicated(mesh)
+  init = jax.jit(optimizer.init, in_shardings=(p_sh,), out_shardings=opt_sh)
+  step = jax.jit(train_step, in_shardings=(p_sh, opt_sh, rows, rows, rows),
+                 out_shardings=(p_sh, opt_sh, rep), donate_argnums=(0, 1))
+  return optimizer, init, step
 
 
 def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *, steps: int,
@@ -106,7 +118,7 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
   opt_cfg = tuple(sorted(mars_config.optimizer_config(
       lr=lr, warmup_steps=warmup, schedule="cosine", total_steps=steps, min_lr_ratio=0.1,
       weight_decay=weight_decay, grad_clip=grad_clip).items()))
-  optimizer, train_step = _train_step(cfg, mesh, opt_cfg)
+  _, init_opt, train_step = _train_step(cfg, mesh, opt_cfg)
   schedule = optim.make_schedule(dict(opt_cfg))
   data = pack_examples(tokenizer, examples)
   order = batch_order(len(examples), batch_size, steps, seed)
@@ -117,12 +129,9 @@ def sft_train(cfg: ModelConfig, params, tokenizer, examples: Sequence[tuple], *,
     sharding.check_batch(batch_size, mesh, "SFT batch")
     params = jax.device_put(params, models.param_shardings(cfg, mesh))
     rows = sharding.batch_sharding(mesh, 2)
-  opt_state = jax.jit(optimizer.init)(params)  # follows the params' sharding
-  if mesh is not None:
-    # Scalars (Adam's step count) come out of the step replicated on the mesh;
-    # placed so from the start, the step compiles once rather than twice.
-    rep = sharding.replicated(mesh)
-    opt_state = jax.tree.map(lambda x: jax.device_put(x, rep) if x.ndim == 0 else x, opt_state)
+  # With a mesh, the state's shardings are the step's own (in = out), so the step
+  # compiles once: an init that left Adam's count unplaced compiled it twice.
+  opt_state = init_opt(params)
 
   device_metrics, start = [], time.time()
   for step, idx in enumerate(order, start=1):

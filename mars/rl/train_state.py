@@ -36,7 +36,7 @@ def init_train_state(params, policy_opt, critic_params=None, critic_opt=None) ->
       skipped_updates=jnp.zeros((), jnp.int32))
 
 
-def _opt_state_shardings(opt, abstract_params, param_shardings, mesh):
+def opt_state_shardings(opt, abstract_params, param_shardings, mesh):
   """Moments follow their param's sharding; counters are replicated."""
   abstract_state = jax.eval_shape(opt.init, abstract_params)
   return optax.tree_map_params(opt, lambda _, s: s, abstract_state, param_shardings,
@@ -53,9 +53,9 @@ def train_state_shardings(cfg: ModelConfig, mesh, policy_opt, critic_opt=None) -
   if critic_opt is not None:
     c_sh = critic_lib.critic_shardings(cfg, mesh)
     c_abs = jax.eval_shape(lambda p: critic_lib.init_critic(p, cfg, jax.random.key(0)), p_abs)
-    c_opt_sh = _opt_state_shardings(critic_opt, c_abs, c_sh, mesh)
+    c_opt_sh = opt_state_shardings(critic_opt, c_abs, c_sh, mesh)
   return TrainState(step=rep, params=p_sh,
-                    opt_state=_opt_state_shardings(policy_opt, p_abs, p_sh, mesh),
+                    opt_state=opt_state_shardings(policy_opt, p_abs, p_sh, mesh),
                     critic_params=c_sh, critic_opt_state=c_opt_sh, skipped_updates=rep)
 
 
