@@ -64,6 +64,18 @@ def default_config() -> ml_collections.ConfigDict:
   # need partial rollouts (a rollout spanning updates), which mars lacks.
   c.rollout.staleness = 0
 
+  # The rollout engine (mars/sampling/engine.py): a paged KV cache with continuous
+  # batching. kv_tokens sizes the page pool (KV memory) in tokens over all
+  # devices; 0 = enough for every row at full length (never preempts, the
+  # memory of a static cache). Smaller pools preempt the newest sequence and
+  # re-prefill it later: nothing is lost, sampled tokens do not change.
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.kv_tokens = 0
+  c.sampling.page_size = 16       # tokens per KV page
+  c.sampling.max_slots = 0        # rows decoded at once (0 = every row of the rollout)
+  c.sampling.decode_chunk = 256   # decode steps per device call before the host refills
+  c.sampling.prefill_chunk = 512  # tokens per row per prefill/extend call (chunked prefill)
+
   c.episode = ml_collections.ConfigDict()
   c.episode.kind = "single_turn"  # single_turn | multi_attempt
   c.episode.min_attempts = 1

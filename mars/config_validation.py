@@ -131,6 +131,18 @@ def validate(c, num_devices: int = None) -> None:
     raise ConfigError(f"rollout.top_p must be in (0, 1], got {c.rollout.top_p}.")
   if c.train.steps < 1:
     raise ConfigError(f"train.steps must be >= 1, got {c.train.steps}.")
+  _validate_sampling(c)
+
+
+def _validate_sampling(c) -> None:
+  s = c.get("sampling", None) or {}
+  for field in ("page_size", "decode_chunk", "prefill_chunk"):
+    if field in s and (not isinstance(s[field], int) or s[field] < 1):
+      raise ConfigError(f"sampling.{field} must be an int >= 1, got {s[field]!r}.")
+  for field in ("kv_tokens", "max_slots"):
+    if field in s and (not isinstance(s[field], int) or s[field] < 0):
+      raise ConfigError(f"sampling.{field} must be an int >= 0 (0: enough for every row), got "
+                        f"{s[field]!r}.")
 
 
 def _validate_offpolicy(c) -> None:

@@ -220,6 +220,13 @@ def agree_max(*values: int):
   return got[0] if len(got) == 1 else tuple(got)
 
 
+def agree_sum(value: int) -> int:
+  """The sum over processes of an int."""
+  if not is_multiprocess():
+    return int(value)
+  return int(_allgather([int(value)]).sum())
+
+
 def any_process(flag: bool) -> bool:
   """True when `flag` holds on any process (loop conditions all processes follow)."""
   if not is_multiprocess():

@@ -19,7 +19,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_RULES = {
     "batch": ("data", "fsdp"),
     "length": None,
-    "cache_length": None,
+    "pages": ("data", "fsdp"),  # one KV page pool per data-parallel group (models/paged.py)
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",

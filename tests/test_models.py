@@ -269,20 +269,43 @@ def test_save_hf_sharded_index(tiny_qwen3, tmp_path):
 
 
 @pytest.mark.parametrize("which", ["tiny_qwen2", "tiny_qwen3"])
-def test_prefill_and_decode_match_forward(which, request):
+def test_paged_prefill_extend_and_decode_match_forward(which, request):
+  """Rows of uneven lengths through the paged KV pool (pages scattered over the pool,
+  a page size that splits the prompt): a prefill, a 3-token extend, then one decode
+  step at a time give the full forward's logits, and the pool holds every token."""
+  from mars.models import paged
   path, _ = request.getfixturevalue(which)
   cfg, params = mm.load_hf(path)
-  tokens, mask, positions = _batch(cfg.vocab_size, T=12)
+  tokens, mask, positions = _batch(cfg.vocab_size, T=14)
   full = np.asarray(mm.forward(cfg, params, jnp.asarray(tokens), jnp.asarray(mask)))
-  P = 8
-  logits, cache = mm.prefill(cfg, params, jnp.asarray(tokens[:, :P]), jnp.asarray(mask[:, :P]), 16)
-  np.testing.assert_allclose(np.asarray(logits)[mask[:, :P]], full[:, :P][mask[:, :P]], atol=1e-5)
-  for t in range(P, 12):
-    step_logits, cache = mm.decode_step(cfg, params, jnp.asarray(tokens[:, t]),
-                                        jnp.asarray(positions[:, t]), cache)
-    np.testing.assert_allclose(np.asarray(step_logits), full[:, t], atol=1e-5)
-  assert int(cache.index) == 12
-  assert cache.k.shape == (cfg.num_layers, 3, cfg.num_kv_heads, 16, cfg.head_dim)
+  rows = [tokens[b][mask[b]] for b in range(3)]  # compact transcripts: 9, 12, 14 tokens
+  page = 3
+  pool = paged.init_pool(cfg, num_pages=20, page_size=page)
+  tables = np.array([[7, 2, 9, 4, 11], [1, 3, 5, 6, 8], [10, 12, 13, 14, 15]], np.int32)
+  fwd = jax.jit(lambda pool, t, f, c: paged.forward(cfg, params, pool, t, f, c, jnp.asarray(tables)))
+  lens = np.array([len(r) for r in rows])
+  cached = np.zeros(3, np.int32)
+  for feed in (lens - 4, np.full(3, 3), np.ones(3, np.int64)):  # prefill, extend, decode
+    chunk = np.zeros((3, int(feed.max())), np.int32)
+    for b in range(3):
+      chunk[b, :feed[b]] = rows[b][cached[b]:cached[b] + feed[b]]
+    logits, pool = fwd(pool, jnp.asarray(chunk), jnp.asarray(feed, jnp.int32),
+                       jnp.asarray(cached))
+    cached = cached + feed
+    for b in range(3):  # the last fed token's logits = the full forward's at that token
+      col = np.flatnonzero(mask[b])[cached[b] - 1]
+      np.testing.assert_allclose(np.asarray(logits)[b], full[b, col], atol=1e-5)
+  assert (cached == lens).all()
+  # Every token's layer-0 K lives in page table[pos // page] at slot pos % page.
+  from mars.models import qwen
+  k = np.asarray(pool.k)
+  lp0 = jax.tree.map(lambda x: x[0], params["layers"])
+  for b in range(3):
+    x = qwen.rms_norm(qwen.embed(cfg, params, jnp.asarray(rows[b])[None]), lp0["input_norm"],
+                      cfg.rms_norm_eps)
+    _, want, _ = qwen.layer_qkv(cfg, lp0, x, jnp.arange(lens[b])[None])
+    got = np.stack([k[0, tables[b, t // page], :, t % page] for t in range(lens[b])])
+    np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-5)
 
 
 def test_qwen3_4b_index_maps_to_params(shared_dir):

@@ -75,54 +75,33 @@ def first_prompt(problem: str, num_attempts: int, single_turn: bool = False) -> 
 
 
 def cache_length(prompt_len: int, max_attempts: int, feedback_len: int, cfg) -> int:
-  """Columns one row can use: prompt + budget + per extra attempt (feedback + one chunk).
+  """Columns one row can use: prompt + budget + a feedback turn per extra attempt.
 
-  All rows share the write column, so a row whose attempt ends mid-chunk
-  idles (or has its tail rewound) until the chunk is over: at most one chunk
-  of dead columns per attempt boundary. Rounded up to a length bucket (few
-  compiled shapes, at most 25% unused slots).
+  Each row's transcript is compact (the engine has no shared write column),
+  and tokens sampled past an attempt's end are rewound and refunded, so the
+  budget bounds the sampled tokens at every moment. Rounded up to a length
+  bucket (few distinct output widths).
   """
-  need = (prompt_len + int(cfg.budget) + 1
-          + (max_attempts - 1) * (feedback_len + int(cfg.chunk_tokens)))
+  need = prompt_len + int(cfg.budget) + 1 + (max_attempts - 1) * feedback_len
   return bucket_length(need, 128, per_octave=LENGTH_BUCKETS_PER_OCTAVE)
 
 
 # ----------------------------------------------------------------------------
 # Host view of the sampler's columns.
 
-@functools.partial(jax.jit, static_argnames="width")
-def _columns(tokens, gen_mask, forced_mask, done, index, start, *, width):
-  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-  return take(tokens), take(gen_mask), take(forced_mask), done, index
-
-
 class _Transcript:
-  """Host copy of the sampler's token columns, refreshed one chunk at a time.
+  """The driver's view of the sampler's rows: the engine keeps every transcript on
+  the host (tokens, gen/forced masks, done flags in SampleOutput's column layout),
+  so this reads them in place."""
 
-  Only the columns written by the last `run` cross to the host (the rest of
-  the state stays on device); rewinds are mirrored here.
-  """
-
-  def __init__(self, batch: int, cache_len: int, prompt_len: int, width: int):
-    self.tokens = np.zeros((batch, cache_len), np.int32)
-    self.gen = np.zeros((batch, cache_len), bool)
-    self.forced = np.zeros((batch, cache_len), bool)
+  def __init__(self, prompt_len: int):
     self.prompt_len = prompt_len
-    self.width = min(width, cache_len)
-    self.index = prompt_len
+    self.tokens = self.gen = self.forced = None
 
   def pull(self, state) -> np.ndarray:
-    """Copies the columns written since the last pull; returns each row's done flag."""
-    S = self.tokens.shape[1]
-    start = min(self.index, S - self.width)
-    tokens, gen, forced, done, index = map(distributed.host_local, _columns(
-        state.tokens, state.gen_mask, state.forced_mask, state.done, state.cache.index,
-        start, width=self.width))
-    cols = slice(start, start + self.width)
-    self.tokens[:, cols], self.gen[:, cols], self.forced[:, cols] = tokens, gen, forced
-    self.index = int(index)
-    # A forced row at a full cache can't write: it is out of room (a budget end).
-    return np.asarray(done, bool) | (self.index >= S)
+    """Points at the state's rows after a run; returns each row's done flag."""
+    self.tokens, self.gen, self.forced = state.tokens, state.gen_mask, state.forced_mask
+    return np.asarray(state.done, bool).copy()
 
   def attempt(self, row: int):
     """(tokens, columns) of the model tokens after the row's last forced token."""
@@ -130,10 +109,6 @@ class _Transcript:
     start = forced[-1] + 1 if forced.size else self.prompt_len
     cols = start + np.flatnonzero(self.gen[row, start:])
     return self.tokens[row, cols], cols
-
-  def rewind(self, keep_until: dict) -> None:
-    for row, col in keep_until.items():
-      self.gen[row, col:] = self.forced[row, col:] = False
 
   def num_generated(self, row: int) -> int:
     return int(self.gen[row].sum())
@@ -196,7 +171,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
   episodes = [rules.new_episode(n) for n in n_rows]
   answers = [problems[r // G]["answer"] for r in range(len(n_rows))]
   state, episodes = _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg,
-                          prompt_len=tokens.shape[1], cache_len=cache_len)
+                          prompt_len=tokens.shape[1])
   return _result(sampler.outputs(state), episodes[:real_rows], problems, G, tokenizer, cfg)
 
 
@@ -219,10 +194,9 @@ def _attempts_per_row(num_attempts, num_problems, G, single_turn, key, cfg) -> l
   return [int(x) for x in n]
 
 
-def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *, prompt_len,
-          cache_len):
+def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *, prompt_len):
   """Chunk loop: run -> check -> grade -> rewind / force / finish, until every episode ends."""
-  view = _Transcript(len(episodes), cache_len, prompt_len, int(cfg.chunk_tokens))
+  view = _Transcript(prompt_len)
   decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
   stop_ids = frozenset(int(t) for t in sampler.stop_ids)
   feedback_ids = functools.lru_cache(None)(lambda text: list(tokenizer.encode(text)))
@@ -258,7 +232,6 @@ def _play(sampler, params, state, episodes, answers, tokenizer, grade_fn, cfg, *
       if keep < len(cols):
         rewinds[b] = int(cols[keep])
     state = sampler.rewind(state, rewinds)
-    view.rewind(rewinds)
     state = sampler.force(state, forced)
     state = sampler.finish(state, finished) if finished else state
   return state, episodes

@@ -10,8 +10,7 @@ from mars.models.config import (ModelConfig, UnsupportedConfigError, from_hf_dic
 from mars.models.hf import CheckpointError, hf_keys, load_hf, resolve_model_dir, save_hf
 from mars.models.logprobs import (entropy_from_logits, logprobs_from_hidden, logprobs_from_logits,
                                   sequence_logprobs, token_logprobs)
-from mars.models.qwen import (KVCache, cache_axes, cast_params, decode_step, extend, forward, init_cache,
-                              init_params, param_axes, param_shapes, prefill)
+from mars.models.qwen import cast_params, forward, init_params, param_axes, param_shapes
 from mars.models.rope import rope_frequencies
 
 

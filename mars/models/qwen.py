@@ -8,14 +8,12 @@ fast compiles at 36 layers). Numerics follow HF transformers exactly:
 - softmax in fp32;
 - Qwen2 has q/k/v bias, Qwen3 has per-head q/k RMSNorm before RoPE.
 
-Layout of the KV cache (the sampler's contract): all rows share one write
-index, so a left-padded prompt batch and every later decode step (sampled or
-forced token) write the same cache column. `valid[b, s]` says whether slot s
-of row b holds a real token.
+The KV-cache forward (prefill, extend, decode over a paged pool) is in
+paged.py and reuses this file's layer pieces.
 """
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +24,7 @@ from mars.models import rope as rope_lib
 from mars.models.config import ATTENTION_KINDS, REMAT_POLICIES, ModelConfig
 
 Params = Any
-_NEG_INF = -1e30  # finite so fully-masked (padding) queries stay NaN-free.
-
-
-class KVCache(NamedTuple):
-  k: jax.Array      # [L, B, KVH, S, hd]: heads before slots, the layout the
-  v: jax.Array      # [L, B, KVH, S, hd]  attention dots read without a transpose
-  valid: jax.Array  # [B, S] bool
-  index: jax.Array  # [] int32: next slot to write.
+NEG_INF = -1e30  # finite so fully-masked (padding) queries stay NaN-free.
 
 
 # ----------------------------------------------------------------------------
@@ -128,13 +119,13 @@ def rms_norm(x, weight, eps):
   return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def attention(q, k, v, mask, cfg: ModelConfig, cached=None):
+def attention(q, k, v, mask, cfg: ModelConfig, cached=None, cached_layout: str = "bskd"):
   """GQA attention. q [B,T,H,hd], k/v [B,T',KVH,hd], mask [B,T,T'] bool.
 
-  `cached` = (k [B,KVH,S,hd], v, mask [B,T,S]) adds earlier tokens (a KV
-  cache, in its own heads-first layout) to the keys. They are scored as a
-  separate block and joined only in the softmax, so a decode step reads the
-  cache and never rewrites it.
+  `cached` = (k, v, mask [B,T,S]) adds earlier tokens (a KV cache's gathered
+  pages, laid out as `cached_layout`: "bskd" = [B,S,KVH,hd]) to the keys. They
+  are scored as a separate block and joined only in the softmax, so a decode
+  step reads the cache and never rewrites it.
   """
   B, T, H, hd = q.shape
   q = q.reshape(B, T, cfg.num_kv_heads, cfg.num_groups, hd)
@@ -142,7 +133,7 @@ def attention(q, k, v, mask, cfg: ModelConfig, cached=None):
   def scores(keys, block_mask, kv_layout):
     sc = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, keys,
                     preferred_element_type=jnp.float32) * (hd ** -0.5)
-    return jnp.where(block_mask[:, None, None, :, :], sc, _NEG_INF)
+    return jnp.where(block_mask[:, None, None, :, :], sc, NEG_INF)
 
   def mix(probs, values, kv_layout):
     return jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs.astype(values.dtype), values)
@@ -151,10 +142,10 @@ def attention(q, k, v, mask, cfg: ModelConfig, cached=None):
     out = mix(jax.nn.softmax(scores(k, mask, "bskd"), axis=-1), v, "bskd")
   else:
     cache_k, cache_v, cache_mask = cached
-    S = cache_k.shape[2]
+    S = cache_mask.shape[-1]
     probs = jax.nn.softmax(jnp.concatenate(
-        [scores(cache_k, cache_mask, "bksd"), scores(k, mask, "bskd")], axis=-1), axis=-1)
-    out = mix(probs[..., :S], cache_v, "bksd") + mix(probs[..., S:], v, "bskd")
+        [scores(cache_k, cache_mask, cached_layout), scores(k, mask, "bskd")], axis=-1), axis=-1)
+    out = mix(probs[..., :S], cache_v, cached_layout) + mix(probs[..., S:], v, "bskd")
   return out.reshape(B, T, H, hd)
 
 
@@ -175,7 +166,7 @@ def project(x, w, contracted: int = 1, preferred_element_type=None):
   return y.reshape(*lead, *out_shape)
 
 
-def _layer_qkv(cfg, lp, x, positions):
+def layer_qkv(cfg, lp, x, positions):
   dt = x.dtype
   q = project(x, lp["q"].astype(dt))
   k = project(x, lp["k"].astype(dt))
@@ -193,7 +184,7 @@ def _layer_qkv(cfg, lp, x, positions):
   return q, k, v
 
 
-def _layer_out(cfg, lp, h, attn_out):
+def layer_out(cfg, lp, h, attn_out):
   """Output projection, residual, and the SwiGLU MLP block."""
   dt = h.dtype
   h = h + project(attn_out, lp["o"].astype(dt), contracted=2)
@@ -206,7 +197,7 @@ def _layer_out(cfg, lp, h, attn_out):
   return sharding.constrain(h, ("batch", "length", "embed"))
 
 
-def _embed(cfg, params, tokens):
+def embed(cfg, params, tokens):
   h = jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
   return sharding.constrain(h, ("batch", "length", "embed"))
 
@@ -225,7 +216,7 @@ def lm_logits(cfg: ModelConfig, params: Params, h):
   return sharding.constrain(logits, ("batch", "length", "vocab"))
 
 
-def _final(cfg, params, h, return_hidden):
+def final(cfg, params, h, return_hidden):
   h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
   return h if return_hidden else lm_logits(cfg, params, h)
 
@@ -266,88 +257,9 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
 
   def layer(h, lp):
     x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-    q, k, v = _layer_qkv(cfg, lp, x, positions)
-    return _layer_out(cfg, lp, h, attend(q, k, v)), None
+    q, k, v = layer_qkv(cfg, lp, x, positions)
+    return layer_out(cfg, lp, h, attend(q, k, v)), None
 
   layer = remat_layer(layer, cfg.remat)
-  h, _ = jax.lax.scan(layer, _embed(cfg, params, tokens), params["layers"])
-  return _final(cfg, params, h, return_hidden)
-
-
-# ----------------------------------------------------------------------------
-# KV-cache interface (prefill and decode share one function).
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                 valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
-
-
-def cache_axes():
-  """Logical axes of the cache: batch over data/fsdp, kv_heads over tensor."""
-  kv = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
-  return KVCache(k=kv, v=kv, valid=("batch", "cache_length"), index=())
-
-
-def extend(cfg: ModelConfig, params: Params, tokens, positions, token_mask,
-           cache: KVCache, *, return_hidden: bool = False, last_only: bool = False,
-           empty_cache: bool = False):
-  """Runs T new tokens per row through the model on top of `cache`.
-
-  Writes their K/V at cache columns [index, index+T) for every row, marks
-  `valid` from `token_mask`, and returns (logits [B, T, V], new cache).
-  Prefill is `extend` of the left-padded prompt on an empty cache
-  (`empty_cache=True` skips attending to it); decode is `extend` with T = 1 (a
-  sampled or a forced token: the cache can't tell).
-
-  The new tokens attend to the cache's valid slots (all before `index`: slots
-  at or past it were never written or were rewound) and causally to each
-  other. The layer scan reads each layer's cache and returns only the new
-  K/V, written into the cache once after the scan: carrying the cache through
-  the scan made XLA copy every layer's whole cache on every decode step (the
-  demo's decode step took 13.0 ms on CPU, now 8.8 ms; on an accelerator those
-  copies are HBM traffic).
-  """
-  B, T = tokens.shape
-  start = cache.index
-  token_mask = token_mask.astype(bool)
-  self_mask = jnp.tril(jnp.ones((T, T), bool))[None] & token_mask[:, None, :]   # [B, T, T]
-  cache_mask = jnp.broadcast_to(cache.valid[:, None, :], (B, T, cache.valid.shape[1]))
-
-  def layer(h, xs):
-    lp, layer_k, layer_v = xs
-    x = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-    q, k, v = _layer_qkv(cfg, lp, x, positions)
-    k, v = k.astype(layer_k.dtype), v.astype(layer_v.dtype)  # attend to K/V as cached
-    cached = None if empty_cache else (layer_k.astype(q.dtype), layer_v.astype(q.dtype), cache_mask)
-    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg, cached=cached)
-    return _layer_out(cfg, lp, h, out), (k, v)
-
-  h, (new_k, new_v) = jax.lax.scan(layer, _embed(cfg, params, tokens),
-                                   (params["layers"], cache.k, cache.v))
-  new_k, new_v = (x.transpose(0, 1, 3, 2, 4) for x in (new_k, new_v))  # [L, B, KVH, T, hd]
-  at = (0, 0, 0, start, 0)
-  new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_k, at),
-                      v=jax.lax.dynamic_update_slice(cache.v, new_v, at),
-                      valid=jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, start)),
-                      index=start + T)
-  if last_only:  # a prefill only needs the next-token logits: skip [B, T, V]
-    h = h[:, -1:]
-  return _final(cfg, params, h, return_hidden), new_cache
-
-
-def prefill(cfg, params, tokens, attention_mask, max_len: int, last_only: bool = False):
-  """Left-padded prompt batch → (logits [B, T or 1, V], cache of length `max_len`)."""
-  attention_mask = attention_mask.astype(bool)
-  positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
-  cache = init_cache(cfg, tokens.shape[0], max_len)
-  return extend(cfg, params, tokens, positions, attention_mask, cache, last_only=last_only,
-                empty_cache=True)
-
-
-def decode_step(cfg, params, token, position, cache: KVCache):
-  """One token per row ([B] ids at [B] positions) → (logits [B, V], cache)."""
-  logits, cache = extend(cfg, params, token[:, None], position[:, None],
-                         jnp.ones_like(token, bool)[:, None], cache)
-  return logits[:, 0], cache
+  h, _ = jax.lax.scan(layer, embed(cfg, params, tokens), params["layers"])
+  return final(cfg, params, h, return_hidden)

@@ -1,102 +1,108 @@
-"""The state a rollout carries on device (KV cache, token buffers, per-row flags, forced-token
-queue) and the decode loop that advances it one sampled or forced token per step."""
+"""The rollout engine's two device programs, over a batch of rows built by the host.
+
+- `extend_and_sample`: feeds C tokens per row (a prompt, a forced turn, a
+  re-prefill; chunked by the host when long), then samples each finishing
+  row's next token.
+- `decode_loop`: up to K decode steps on device (`lax.while_loop`), one
+  sampled token per active row per step; it returns early once the active
+  rows fall to `min_active`, so the host can refill or compact the batch.
+
+A row's transcript invariant: every token but the last is cached; the last
+(a sampled token, or the end of a forced turn) is fed by the next program.
+Sampling keys come from (sequence id, transcript position) (select.row_keys).
+"""
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mars.models import qwen
+from mars.models import paged
 from mars.models.config import ModelConfig
-from mars.sampling.select import select_tokens
+from mars.sampling.select import row_keys, select_tokens
 
 
 @flax.struct.dataclass
-class DecodeState:
-  cache: qwen.KVCache
-  tokens: jax.Array         # [B, S] int32, aligned with cache slots
-  gen_mask: jax.Array       # [B, S] bool: sampled by the model
-  forced_mask: jax.Array    # [B, S] bool: injected from the force queue
-  logp: jax.Array           # [B, S] f32: policy logprob (T=1, unfiltered) of sampled tokens
-  sampler_logp: jax.Array   # [B, S] f32: logprob under the sampling distribution
-  last_logits: jax.Array    # [B, V] f32: logits for each row's next token
-  position: jax.Array       # [B] int32: RoPE position of each row's next token
-  num_generated: jax.Array  # [B] int32: sampled tokens so far
-  max_new: jax.Array        # [B] int32: per-row budget of sampled tokens
-  done: jax.Array           # [B] bool
-  stopped: jax.Array        # [B] bool: ended on a stop token
-  truncated: jax.Array      # [B] bool: ended on the budget or the cache end
-  force_queue: jax.Array    # [B, Q] int32
-  force_len: jax.Array      # [B] int32
-  force_ptr: jax.Array      # [B] int32
-  key: jax.Array
-  prompt_len: int = flax.struct.field(pytree_node=False, default=0)
-
-  @property
-  def batch_size(self):
-    return self.tokens.shape[0]
-
-  @property
-  def cache_len(self):
-    return self.tokens.shape[1]
-
-def _decode_step(cfg: ModelConfig, params, state: DecodeState, stop_ids, pad_id,
-                 temperature, top_p, top_k) -> DecodeState:
-  key, sub = jax.random.split(state.key)
-  B, S = state.tokens.shape
-  col = state.cache.index
-  active = ~state.done
-  has_forced = state.force_ptr < state.force_len
-  forced_tok = jnp.take_along_axis(
-      state.force_queue, jnp.minimum(state.force_ptr, state.force_queue.shape[1] - 1)[:, None], 1)[:, 0]
-  sampled_tok, sampler_logp = select_tokens(state.last_logits, sub, temperature, top_p, top_k)
-  tok = jnp.where(has_forced, forced_tok, sampled_tok)
-  tok = jnp.where(active, tok, pad_id).astype(jnp.int32)
-  is_gen = active & ~has_forced
-  is_forced = active & has_forced
-  policy_logp = jnp.take_along_axis(jax.nn.log_softmax(state.last_logits, -1), tok[:, None], -1)[:, 0]
-
-  def put(buf, value):
-    return jax.lax.dynamic_update_slice(buf, value[:, None].astype(buf.dtype), (0, col))
-
-  num_generated = state.num_generated + is_gen
-  hit_stop = is_gen & jnp.isin(tok, stop_ids)
-  out_of_budget = is_gen & (num_generated >= state.max_new) & ~hit_stop
-  cache_full = active & (col + 1 >= S) & ~hit_stop
-  logits, cache = qwen.extend(cfg, params, tok[:, None], state.position[:, None], active[:, None],
-                              state.cache)
-  return state.replace(
-      cache=cache,
-      tokens=put(state.tokens, tok),
-      gen_mask=put(state.gen_mask, is_gen),
-      forced_mask=put(state.forced_mask, is_forced),
-      logp=put(state.logp, jnp.where(is_gen, policy_logp, 0.0)),
-      sampler_logp=put(state.sampler_logp, jnp.where(is_gen, sampler_logp, 0.0)),
-      last_logits=logits[:, 0].astype(jnp.float32),
-      position=state.position + active,
-      num_generated=num_generated,
-      done=state.done | hit_stop | out_of_budget | cache_full,
-      stopped=state.stopped | hit_stop,
-      truncated=state.truncated | out_of_budget | cache_full,
-      force_ptr=state.force_ptr + is_forced,
-      key=key)
+class Rows:
+  """One device call's rows (host-built, padded to a bucket; padding rows have steps 0
+  and feed_len 0)."""
+  tokens: jax.Array         # [R, C] int32 fed tokens (decode: [R, 1], the pending token)
+  feed_len: jax.Array       # [R] int32 real tokens in `tokens`
+  cached: jax.Array         # [R] int32 tokens already in the row's pages
+  tables: jax.Array         # [R, M] int32 page table (group-local page ids)
+  seq_ids: jax.Array        # [R] int32 global sequence id (sampling keys)
+  num_generated: jax.Array  # [R] int32 sampled tokens so far
+  max_new: jax.Array        # [R] int32 budget of sampled tokens
+  max_len: jax.Array        # [R] int32 transcript capacity
+  steps: jax.Array          # [R] int32 tokens this call may sample (extend: 0 or 1)
 
 
-def decode_loop(cfg, params, state, num_steps, stop_ids, pad_id, temperature, top_p, top_k):
-  """Up to `num_steps` decode steps, exiting early once every row is done."""
-  def cond(carry):
-    s, i = carry
-    return (i < num_steps) & ~jnp.all(s.done) & (s.cache.index < s.cache_len)
-
-  def body(carry):
-    s, i = carry
-    return _decode_step(cfg, params, s, stop_ids, pad_id, temperature, top_p, top_k), i + 1
-
-  state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
-  return state
+def rows_axes(rows_like: Rows) -> Rows:
+  return jax.tree.map(lambda x: ("batch",) + (None,) * (x.ndim - 1), rows_like)
 
 
-def state_axes(state_like: DecodeState):
-  """Logical axes for every DecodeState leaf: rows over the batch axes."""
-  def axes(x):
-    return ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
-  tree = jax.tree.map(axes, state_like)
-  return tree.replace(cache=qwen.cache_axes(), key=())
+def _sample(logits, key, seq_ids, positions, sampling):
+  tok, sampler_logp = select_tokens(logits, row_keys(key, seq_ids, positions), *sampling)
+  policy_logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tok[:, None], -1)[:, 0]
+  return tok, policy_logp, sampler_logp
+
+
+def _ends(tok, samples, num_generated, max_new, length, max_len, stop_ids):
+  """(stopped, truncated) after appending `tok`; `length` counts it."""
+  stop = samples & jnp.isin(tok, stop_ids)
+  truncated = samples & ~stop & ((num_generated >= max_new) | (length >= max_len))
+  return stop, truncated
+
+
+def extend_and_sample(cfg: ModelConfig, params, pool, rows: Rows, key, stop_ids, sampling):
+  logits, pool = paged.forward(cfg, params, pool, rows.tokens, rows.feed_len, rows.cached,
+                               rows.tables)
+  length = rows.cached + rows.feed_len  # the new token's position
+  samples = rows.steps > 0
+  tok, logp, sampler_logp = _sample(logits, key, rows.seq_ids, length, sampling)
+  stopped, truncated = _ends(tok, samples, rows.num_generated + samples, rows.max_new, length + 1,
+                             rows.max_len, stop_ids)
+  return pool, dict(token=tok, logp=logp, sampler_logp=sampler_logp, stopped=stopped,
+                    truncated=truncated)
+
+
+def decode_loop(cfg: ModelConfig, params, pool, rows: Rows, key, min_active, stop_ids, sampling,
+                *, num_steps: int):
+  """Up to `num_steps` decode steps; row r samples at most rows.steps[r] tokens.
+
+  The rows' pages are gathered once into a dense working cache, decoded on,
+  and scattered back (models/paged.py explains why).
+  """
+  R = rows.tokens.shape[0]
+  out = lambda dt: jnp.zeros((R, num_steps), dt)
+  work_k, work_v = paged.gather_rows(pool, rows.tables)
+  init = dict(work_k=work_k, work_v=work_v, tok=rows.tokens[:, 0], cached=rows.cached,
+              num_generated=rows.num_generated, active=rows.steps > 0,
+              stopped=jnp.zeros((R,), bool), truncated=jnp.zeros((R,), bool),
+              token=out(jnp.int32), logp=out(jnp.float32), sampler_logp=out(jnp.float32),
+              count=jnp.zeros((R,), jnp.int32), i=jnp.int32(0))
+
+  def cond(c):
+    return (c["i"] < num_steps) & (jnp.sum(c["active"]) > min_active)
+
+  def body(c):
+    active = c["active"]
+    logits, work_k, work_v = paged.decode_step(cfg, params, c["work_k"], c["work_v"], c["tok"],
+                                               active, c["cached"])
+    cached = c["cached"] + active
+    tok, logp, sampler_logp = _sample(logits, key, rows.seq_ids, cached, sampling)
+    num_generated = c["num_generated"] + active
+    stop, trunc = _ends(tok, active, num_generated, rows.max_new, cached + 1, rows.max_len,
+                        stop_ids)
+    count = c["count"] + active
+    put = lambda buf, x: jax.lax.dynamic_update_slice(
+        buf, jnp.where(active, x, 0).astype(buf.dtype)[:, None], (0, c["i"]))
+    return dict(work_k=work_k, work_v=work_v, tok=jnp.where(active, tok, c["tok"]), cached=cached,
+                num_generated=num_generated,
+                active=active & ~stop & ~trunc & (count < rows.steps),
+                stopped=c["stopped"] | stop, truncated=c["truncated"] | trunc,
+                token=put(c["token"], tok), logp=put(c["logp"], logp),
+                sampler_logp=put(c["sampler_logp"], sampler_logp), count=count, i=c["i"] + 1)
+
+  c = jax.lax.while_loop(cond, body, init)
+  pool = paged.scatter_rows(pool, c["work_k"], c["work_v"], rows.tables)
+  return pool, {k: c[k] for k in ("token", "logp", "sampler_logp", "count", "stopped",
+                                   "truncated")}

@@ -60,18 +60,38 @@ def filter_logits(scaled, top_p, top_k):
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def select_tokens(logits, key, temperature, top_p, top_k):
-  """Picks one token per row; returns (tokens [B], sampler-distribution logp [B]).
+def row_keys(key, seq_ids, positions):
+  """One key per row from (sequence id, transcript position): a sequence's draws do
+  not depend on its slot, the batch it ran in, the pool size or preemptions."""
+  return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(key, s), t))(seq_ids, positions)
+
+
+def select_tokens(logits, keys, temperature, top_p, top_k):
+  """Picks one token per row with its own key (keys [R]); returns (tokens [R],
+  sampler-distribution logp [R]).
 
   The *policy* logprob (temperature 1, unfiltered) is computed by the caller:
   PPO ratios need the unmodified distribution, not this one.
   """
   logits = logits.astype(jnp.float32)
   greedy = temperature <= 0.0
-  scaled = logits / jnp.where(greedy, 1.0, temperature)
-  needs_filter = ~greedy & ((top_p < 1.0) | (top_k > 0))  # greedy never needs the sort
-  scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s, scaled)
-  sampled = jax.random.categorical(key, scaled, axis=-1)
-  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-  sampler_logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), tokens[:, None], -1)[:, 0]
-  return tokens, jnp.where(greedy, 0.0, sampler_logp)
+
+  def sample(logits):
+    scaled = logits / jnp.where(greedy, 1.0, temperature)
+    needs_filter = (top_p < 1.0) | (top_k > 0)
+    scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_p, top_k), lambda s: s,
+                          scaled)
+    # Inverse-CDF draw: one uniform per row (the Gumbel trick needs one per vocab
+    # entry, 3x the time of the whole draw on CPU). Filtered tokens have zero mass
+    # and are never picked.
+    lse = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    cdf = jnp.cumsum(jnp.exp(scaled - lse), axis=-1)
+    u = jax.vmap(jax.random.uniform)(keys) * cdf[:, -1]
+    tokens = jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), logits.shape[-1] - 1)
+    tokens = tokens.astype(jnp.int32)
+    return tokens, (jnp.take_along_axis(scaled, tokens[:, None], -1) - lse)[:, 0]
+
+  # Greedy skips the draw, the filters' sort and the sampler log-softmax.
+  greedy_pick = lambda logits: (jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                                jnp.zeros(logits.shape[:1], jnp.float32))
+  return jax.lax.cond(greedy, greedy_pick, sample, logits)

@@ -219,8 +219,7 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
     pool = rewards.GraderPool(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s,
                               boxes=cfg.grader_boxes)
     grade_fn, close = pool.grade_batch, pool.close
-  sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                             mesh=mesh, queue_len=specs.SAMPLER_QUEUE_LEN)
+  sampler = specs.make_sampler(cfg, model_cfg, tokenizer, mesh)
   # A run's checkpoint holds fp32 masters: sample from one compute-dtype copy.
   policy = Policy(sampler, sampler.rollout_params(params), tokenizer, grade_fn,
                   pad_multiple=sharding.batch_shards(mesh))

@@ -22,6 +22,8 @@ from mars.episodes import multi_attempt, packing
 from mars.models import qwen
 from mars.rl import optim, step as step_lib
 from mars.rl import micro as micro_lib
+from mars.models import paged
+from mars.sampling import decode as decode_lib
 from mars.sampling import engine
 from mars.trainer import specs
 
@@ -251,43 +253,64 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
         loop_trips=L * n_micro_all, out_bytes=device_bytes(rows_args[0]),
         shape=f"{rows} rows × {T}, micro {micro or rows}"))
 
-  # The sampler: prefill B prompts (fanned out to B·n rows), then one decode step.
+  # The sampler (mars/sampling/engine.py): the page pool, a prefill (extend) call over
+  # the prompts, and the decode loop at the rows and table width it runs when the
+  # pool is full.
   P, S, B, n = geo.prompt_len, geo.cache_len, geo.prompts, geo.n
   sharding.check_batch(B, mesh, "prompt batch")
   sharding.check_batch(B * n, mesh, "rollout batch (prompts × n)")
+  sampler = engine.Sampler(model_cfg, mesh=mesh, queue_len=QUEUE_LEN,
+                           **specs.sampler_kwargs(c))
+  G, p = sampler.groups, sampler.page_size
+  pages = sampler.pages_per_group(B * n // G, S)
+  pool_shape = paged.pool_shape(model_cfg, pages * G, p)
+  pool = _abstract(jax.eval_shape(lambda: paged.KVPool(
+      jax.ShapeDtypeStruct(pool_shape, model_cfg.dtype), jax.ShapeDtypeStruct(pool_shape, model_cfg.dtype))),
+      sampler.pool_shardings())
+  kv = device_bytes(pool)
+  kv_token = kv / ((pages - 1) * p)        # one token's K/V per device
   rep = sharding.replicated(mesh)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  statics = dict(cfg=model_cfg, mesh=mesh)
-  prefill_args = (rollout_params, _sds((B, P), jnp.int32, two), _sds((B, P), jnp.bool_, two),
-                  _sds(key.shape, key.dtype, rep), _sds((B * n,), jnp.int32, one))
-  prefill_kw = dict(statics, n=n, cache_len=S, queue_len=QUEUE_LEN, pad_id=0)
-  prefill_fn = functools.partial(engine._prefill, model_cfg, n=n, cache_len=S,  # pylint: disable=protected-access
-                                 queue_len=QUEUE_LEN, pad_id=0)
-  dstate = jax.eval_shape(prefill_fn, *prefill_args)
-  sampler = engine.Sampler(model_cfg, mesh=mesh, queue_len=QUEUE_LEN)
-  dstate = _abstract(dstate, sampler._state_shardings(dstate))  # pylint: disable=protected-access
-  kv = device_bytes((dstate.cache.k, dstate.cache.v))
-  prompt_kv = kv * P / S / n
+  sampling_args = (_sds((), jnp.float32, rep), _sds((), jnp.float32, rep), _sds((), jnp.int32, rep))
+
+  def rows_spec(rows, width, table):
+    m = lambda w: _sds((rows, w), jnp.int32, two)
+    v = _sds((rows,), jnp.int32, one)
+    return decode_lib.Rows(tokens=m(width), feed_len=v, cached=v, tables=m(table), seq_ids=v,
+                           num_generated=v, max_new=v, max_len=v, steps=v)
+
   sampler_resident = train_state + f["ref"]
   sampler_named = dict(params=f["params"] + f["critic"] + f["ref"] + f["rollout_params"],
                        optimizer=f["optimizer"], kv_cache=kv)
-  prefill_flops = (2.0 * matmul_params(model_cfg, lm_head=False) * B * P
-                   + attention_flops(model_cfg, B, P, P) + 2.0 * V * D * B)
+  C = min(engine.bucket(P, min(16, sampler.prefill_chunk)), sampler.prefill_chunk)
+  Rg = min(engine.bucket(-(-B // G)), sampler.extend_rows_cap(C))
+  M = sampler.table_width(S, -(-P // p))
+  prefill_args = (rollout_params, pool, rows_spec(Rg * G, C, M), _sds(key.shape, key.dtype, rep),
+                  sampling_args)
+  prefill_flops = (2.0 * matmul_params(model_cfg, lm_head=False) * Rg * G * C
+                   + attention_flops(model_cfg, Rg * G, C, M * p + C) + 2.0 * V * D * Rg * G)
   steps.append(Step(
-      "prefill", engine._jit_prefill, prefill_args, prefill_kw,  # pylint: disable=protected-access
+      "prefill", sampler.program("extend"), prefill_args, {},
       named=sampler_named, resident=sampler_resident, flops=prefill_flops / ndev,
-      hbm_bytes=full_w(f["rollout_params"]) + prompt_kv + kv, loop_trips=L,
-      out_bytes=device_bytes(dstate),
-      shape=f"{B} prompts × {P} -> {B * n} rows, cache {S}"))
-  scalar = lambda dt: _sds((), dt, rep)
-  decode_args = (rollout_params, dstate, scalar(jnp.int32), scalar(jnp.float32),
-                 scalar(jnp.float32), scalar(jnp.int32))
-  ideal = full_w(f["rollout_params"]) + kv
+      hbm_bytes=full_w(f["rollout_params"]) + kv_token * Rg * C, loop_trips=L,
+      out_bytes=0, shape=f"{Rg * G} prompts × {C} tokens (of {P}), pool {pages * G} pages × {p}"))
+  # Decode: every slot's row as long as the pool allows (its table width), capped
+  # like the engine caps it (gathered pages ≤ 2 × the pool).
+  slots = min(B * n, sampler.max_slots or B * n)
+  Rd = engine.bucket(-(-slots // G))
+  Md = sampler.table_width(S, min(-(-S // p), max(1, (pages - 1) // Rd)))
+  Rd = min(Rd, max(1, sampler.decode_rows_cap(pages, Md)))
+  K = min(engine.bucket(geo.max_new), engine.bucket(sampler.decode_chunk))
+  decode_args = (rollout_params, pool, rows_spec(Rd * G, 1, Md), _sds(key.shape, key.dtype, rep),
+                 sampling_args, _sds((), jnp.int32, rep))
+  live = min(Rd * Md * p, (pages - 1) * p)  # tokens a full pool holds for these rows
+  ideal = full_w(f["rollout_params"]) + kv_token * live
   steps.append(Step(
-      "decode", engine._jit_loop, decode_args,  # pylint: disable=protected-access
-      dict(statics, stop_ids=(-1,), pad_id=0), named=sampler_named, resident=sampler_resident,
-      flops=(2.0 * matmul_params(model_cfg) * B * n + attention_flops(model_cfg, B * n, 1, S))
-      / ndev, hbm_bytes=ideal, ideal_bytes=ideal, loop_trips=L,
-      shape=f"{B * n} rows, cache {S} (one token)"))
+      "decode", sampler.program("decode", K), decode_args, {}, named=sampler_named,
+      resident=sampler_resident,
+      flops=(2.0 * matmul_params(model_cfg) * Rd * G
+             + attention_flops(model_cfg, Rd * G, 1, Md * p)) / ndev,
+      hbm_bytes=ideal, ideal_bytes=ideal, loop_trips=L,
+      shape=f"{Rd * G} rows × {Md * p} KV slots (one token)"))
   facts = dict(f, kv_cache=kv, train_state=train_state, geometry=dataclasses.asdict(geo))
   return [st for st in steps if want(st.name.split("+")[0])], facts

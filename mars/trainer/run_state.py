@@ -110,8 +110,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
   close_grader = lambda: None
   if grade_fn is None:
     grade_fn, close_grader = policy.make_grade_fn(config)
-  sampler = sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                             mesh=mesh, queue_len=specs.SAMPLER_QUEUE_LEN)
+  sampler = specs.make_sampler(config, model_cfg, tokenizer, mesh)
   train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(config), policy_opt, critic_opt,
                                         mesh, state_sh)
 

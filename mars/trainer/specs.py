@@ -14,6 +14,22 @@ from mars.rl import step as step_lib
 SAMPLER_QUEUE_LEN = 128
 
 
+SAMPLER_FIELDS = ("kv_tokens", "page_size", "max_slots", "decode_chunk", "prefill_chunk")
+
+
+def sampler_kwargs(config) -> dict:
+  """config.sampling as Sampler keyword arguments (defaults where a config lacks it)."""
+  section = config.get("sampling", None) or {}
+  return {k: int(section[k]) for k in SAMPLER_FIELDS if k in section}
+
+
+def make_sampler(config, model_cfg, tokenizer, mesh):
+  """The run's rollout engine."""
+  from mars import sampling  # pylint: disable=g-import-not-at-top
+  return sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                          mesh=mesh, queue_len=SAMPLER_QUEUE_LEN, **sampler_kwargs(config))
+
+
 def updates_per_step(config) -> int:
   rows = config.data.prompts_per_step * config.rollout.group_size
   return config.rl.ppo_epochs * (rows // (config.rl.minibatch_size or rows))
