@@ -187,6 +187,15 @@ def suggest(r, c, facts, topo, mesh_shape) -> str:
     if micro > batch_axis and r["temps"] > over:
       tips.append(f"rl.micro_batch_size={max(batch_axis, micro // 2)}")
   else:
+    # The page pool (and the decode call's gathered pages, capped at 2x the pool)
+    # scale with sampling.kv_tokens: shrink it to fit, with a 10% margin.
+    pooled = r["kv_cache"] + r["temps"]
+    room = 0.9 * r["capacity"] - (r["total"] - pooled)
+    if room > 0 and pooled > 0:
+      tokens = int(facts["kv_tokens"] * room / pooled) // 1024 * 1024
+      if tokens >= 1024:
+        tips.append(f"sampling.kv_tokens={tokens} (now {facts['kv_tokens']}; fewer live tokens, "
+                    "more preemption)")
     rows = facts["geometry"]["rows"]
     # Everything but the params and the optimizer state scales with the rollout rows.
     fixed = r["params"] + r["optimizer"]

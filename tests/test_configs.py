@@ -78,6 +78,8 @@ def test_tiny_config_validates():
     (dict(model=dict(attention="flash")), r"Unknown model.attention 'flash'; choose one of \('dense', 'chunked'\)"),
     (dict(model=dict(remat="partial")), r"Unknown model.remat 'partial'; choose one of \('none', 'full', 'dots'\)"),
     (dict(model=dict(logits_chunk=-1)), r"model.logits_chunk must be >= 0 \(0 = unchunked\), got -1"),
+    (dict(sampling=dict(kv_tokens=-5)), r"sampling.kv_tokens must be an int >= 0 \(0: enough for"),
+    (dict(sampling=dict(page_size=0)), "sampling.page_size must be an int >= 1, got 0"),
 ])
 def test_config_errors_are_one_clear_line(override, message):
   c = load("tiny")

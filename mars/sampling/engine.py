@@ -24,11 +24,9 @@ from (sequence id, position), so none of this changes what is sampled.
 Output layout (`SampleOutput`): column s of row b; prompts right-aligned in
 [0, P) (P = the padded prompt length), the response from column P on.
 """
-import dataclasses
 import functools
 import logging
-import math
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,80 +40,9 @@ from mars.models import qwen
 from mars.models.config import ModelConfig
 from mars.sampling import decode
 from mars.sampling.pages import OutOfPages, PagePool
+from mars.sampling.rollout import Rollout, SampleOutput
+from mars.sampling.scheduler import Scheduler
 from mars.sampling.select import SamplingParams
-
-
-@dataclasses.dataclass
-class SampleOutput:
-  """Host (numpy) view of a finished rollout."""
-  tokens: np.ndarray         # [B, S]
-  prompt_mask: np.ndarray    # [B, S]
-  gen_mask: np.ndarray       # [B, S]
-  forced_mask: np.ndarray    # [B, S]
-  logp: np.ndarray           # [B, S] policy logprob (T=1, unfiltered) of sampled tokens
-  sampler_logp: np.ndarray   # [B, S] logprob under the sampling distribution
-  lengths: np.ndarray        # [B] sampled tokens per row
-  truncated: np.ndarray      # [B]
-  stopped: np.ndarray        # [B]
-  prompt_len: int
-
-  def response_tokens(self, row: int) -> list:
-    """Sampled + forced tokens of a row, in order (what follows the prompt)."""
-    keep = self.gen_mask[row] | self.forced_mask[row]
-    return self.tokens[row][keep].tolist()
-
-
-@dataclasses.dataclass
-class Rollout:
-  """Host state of one rollout: this process's sequences and the device page pool."""
-  tokens: np.ndarray         # [B, S] int32, SampleOutput's layout
-  gen_mask: np.ndarray       # [B, S] bool
-  forced_mask: np.ndarray    # [B, S] bool
-  logp: np.ndarray           # [B, S] f32
-  sampler_logp: np.ndarray   # [B, S] f32
-  prompt_mask: np.ndarray    # [B, S] bool
-  prompt_tokens: np.ndarray  # [B] real prompt tokens per row
-  response_len: np.ndarray   # [B]
-  cached: np.ndarray         # [B] transcript tokens whose K/V are in the row's pages
-  num_generated: np.ndarray  # [B]
-  max_new: np.ndarray        # [B]
-  done: np.ndarray           # [B] bool
-  stopped: np.ndarray        # [B] bool
-  truncated: np.ndarray      # [B] bool
-  resident: np.ndarray       # [B] bool: holds pages (its cached K/V are valid)
-  group: np.ndarray          # [B] local data-parallel group of the row
-  seq_ids: np.ndarray        # [B] global sequence ids
-  pages: List[List[int]]
-  allocators: List[PagePool]
-  pool: Optional[paged.KVPool]
-  key: jax.Array
-  prompt_len: int
-  stats: dict
-
-  @property
-  def batch_size(self) -> int:
-    return self.tokens.shape[0]
-
-  @property
-  def cache_len(self) -> int:
-    return self.tokens.shape[1]
-
-  def length(self, b) -> int:
-    return int(self.prompt_tokens[b] + self.response_len[b])
-
-  def first_col(self, b) -> int:
-    return self.prompt_len - int(self.prompt_tokens[b])
-
-  def transcript(self, b) -> np.ndarray:
-    return self.tokens[b, self.first_col(b):self.prompt_len + self.response_len[b]]
-
-  def capacity(self, b) -> int:
-    return self.cache_len - self.first_col(b)
-
-
-def bucket(n: int, lo: int = 1) -> int:
-  """The power of two >= max(n, lo)."""
-  return max(lo, 1 << max(0, int(n) - 1).bit_length())
 
 
 _COMPILES = {"count": 0}
@@ -143,7 +70,7 @@ def default_cache_len(prompt_len: int, max_new_tokens: int) -> int:
   return prompt_len + max_new_tokens + 1
 
 
-class Sampler:
+class Sampler(Scheduler):
   """Rollout engine for one model config (and optional mesh).
 
       sampler = Sampler(cfg, stop_ids=tok.stop_ids, pad_id=tok.pad_id, mesh=mesh)
@@ -176,6 +103,8 @@ class Sampler:
     self.decode_chunk, self.prefill_chunk = int(decode_chunk), int(prefill_chunk)
     self._param_shardings = models.param_shardings(cfg, mesh) if mesh is not None else None
     self._programs = {}
+    self._totals = {}
+    self.last_stats = {}  # the last rollout's preemptions, device calls, peak pages
 
   @property
   def compile_count(self) -> int:
@@ -323,7 +252,7 @@ class Sampler:
         done=zeros(bool), stopped=zeros(bool), truncated=zeros(bool), resident=zeros(bool),
         group=group, seq_ids=row0 + np.arange(B), pages=[[] for _ in range(B)],
         allocators=[PagePool(npg) for _ in range(G)], pool=self._new_pool(npg), key=key,
-        prompt_len=P, stats=dict(preemptions=0, extend_calls=0, decode_calls=0, decode_steps=0,
+        prompt_len=P, page_size=self.page_size, stats=dict(preemptions=0, extend_calls=0, decode_calls=0, decode_steps=0,
                                  shared_prefix_tokens=0))
     params = self._place_params(params)
     if n > 1:
@@ -362,139 +291,6 @@ class Sampler:
       state.allocators[it["group"]].release(it["pages"])
       state.stats["shared_prefix_tokens"] += len(it["feed"]) * (len(it["members"]) - 1)
 
-  # -- device batches -----------------------------------------------------------
-
-  def table_width(self, cache_len: int, pages_needed: int) -> int:
-    """Page-table columns of a device call: a power of two, so few shapes compile.
-    A floor on it keeps the number of compiled shapes small; the cap on the floor
-    keeps a short row's step cheap under a long budget."""
-    floor = min(bucket(-(-cache_len // self.page_size) // 4), 32)
-    return bucket(pages_needed, floor)
-
-  def extend_rows_cap(self, width: int) -> int:
-    """Rows per group in one extend call of `width` tokens: ~8 prefill chunks of
-    tokens, so a first prefill of many unshared prompts is split into calls of
-    bounded activation memory."""
-    return max(1, 8 * self.prefill_chunk // width)
-
-  def decode_rows_cap(self, pages_per_group: int, width: int) -> int:
-    """Rows per group in one decode call whose gathered pages (rows × table width)
-    stay within twice the group's pool: the XLA reference attention materialises
-    the gathered K/V of one layer."""
-    return max(1, 2 * pages_per_group // width)
-
-  def _rows(self, state: Rollout, items: list, width: int) -> decode.Rows:
-    """Device rows for `items`, group-major, each group padded to one agreed bucket."""
-    G = self.local_groups
-    per_group = [[it for it in items if it["group"] == g] for g in range(G)]
-    Rg = bucket(max(len(x) for x in per_group))
-    M = self.table_width(state.cache_len, max([len(it["pages"]) for it in items] or [1]))
-    Rg, M, width = distributed.agree_max(Rg, M, width)
-    R = Rg * G
-    a = dict(tokens=np.full((R, width), self.pad_id, np.int32), tables=np.zeros((R, M), np.int32),
-             **{k: np.zeros((R,), np.int32) for k in ("feed_len", "cached", "seq_ids",
-                                                       "num_generated", "max_new", "max_len",
-                                                       "steps")})
-    for g, group_items in enumerate(per_group):
-      for j, it in enumerate(group_items):
-        r = it["_row"] = g * Rg + j
-        a["tokens"][r, :len(it["feed"])] = it["feed"]
-        a["tables"][r, :len(it["pages"])] = it["pages"]
-        a["feed_len"][r] = len(it["feed"])
-        for k in ("cached", "seq_ids", "num_generated", "max_new", "max_len", "steps"):
-          a[k][r] = it[k]
-    return decode.Rows(**{k: self._to_device(v) for k, v in a.items()})
-
-  def _item(self, state: Rollout, b: int, feed, steps: int) -> dict:
-    return dict(group=int(state.group[b]), feed=feed, cached=int(state.cached[b]),
-                pages=state.pages[b], seq_ids=int(state.seq_ids[b]),
-                num_generated=int(state.num_generated[b]), max_new=int(state.max_new[b]),
-                max_len=state.capacity(b), steps=steps, row=b)
-
-  def _extend(self, params, state: Rollout, items: list, sampling):
-    """Feeds each item's `feed` in prefill_chunk pieces; an item with steps=1 then
-    samples its next token (item["out"])."""
-    fed = [0] * len(items)
-    while distributed.any_process(any(fed[i] < len(it["feed"]) for i, it in enumerate(items))):
-      todo = [i for i, it in enumerate(items) if fed[i] < len(it["feed"])]
-      longest = max([len(items[i]["feed"]) - fed[i] for i in todo] or [1])
-      C = min(bucket(longest, min(16, self.prefill_chunk)), self.prefill_chunk)
-      pieces, per_group = [], {}
-      for i in todo:
-        it = items[i]
-        per_group[it["group"]] = per_group.get(it["group"], 0) + 1
-        if per_group[it["group"]] > self.extend_rows_cap(C):
-          continue  # the next call takes it
-        piece = dict(it, feed=it["feed"][fed[i]:fed[i] + C], cached=it["cached"] + fed[i])
-        fed[i] += len(piece["feed"])
-        piece["steps"] = int(bool(it.get("steps")) and fed[i] == len(it["feed"]))
-        piece.setdefault("seq_ids", 0)
-        pieces.append((i, piece))
-      rows = self._rows(state, [pc for _, pc in pieces], C)
-      state.pool, out = self.program("extend")(params, state.pool, rows, state.key,
-                                                sampling.as_arrays())
-      state.stats["extend_calls"] += 1
-      out = {k: distributed.host_local(v) for k, v in out.items()}
-      for i, pc in pieces:
-        if pc["steps"]:
-          items[i]["out"] = {k: v[pc["_row"]] for k, v in out.items()}
-
-  def _append(self, state: Rollout, b: int, tokens, logp=None, sampler_logp=None):
-    """Appends sampled (with logps) or forced (without) tokens to row b's transcript."""
-    start = state.prompt_len + int(state.response_len[b])
-    cols = slice(start, start + len(tokens))
-    state.tokens[b, cols] = tokens
-    sampled = logp is not None
-    state.gen_mask[b, cols] = sampled
-    state.forced_mask[b, cols] = not sampled
-    if sampled:
-      state.logp[b, cols], state.sampler_logp[b, cols] = logp, sampler_logp
-      state.num_generated[b] += len(tokens)
-    state.response_len[b] += len(tokens)
-
-  def _end_rows(self, state: Rollout, b: int, stopped, truncated):
-    state.stopped[b] |= bool(stopped)
-    state.truncated[b] |= bool(truncated)
-    state.done[b] |= bool(stopped) or bool(truncated)
-
-  # -- pages ----------------------------------------------------------------------
-
-  def _evict(self, state: Rollout, b: int):
-    state.allocators[state.group[b]].release(state.pages[b])
-    state.pages[b], state.cached[b], state.resident[b] = [], 0, False
-
-  def _reserve(self, state: Rollout, g: int, need: int, keep: set, runnable) -> bool:
-    """Frees pages in group g until `need` are free: stopped rows' pages first, then
-    the newest running row outside `keep` is preempted (re-prefilled later)."""
-    alloc = state.allocators[g]
-    while alloc.free < need:
-      held = [b for b in range(state.batch_size)
-              if state.group[b] == g and state.resident[b] and b not in keep]
-      idle = [b for b in held if not runnable[b]]
-      if idle:
-        self._evict(state, idle[0])
-      elif held:
-        self._evict(state, max(held, key=lambda b: state.seq_ids[b]))
-        state.stats["preemptions"] += 1
-      else:
-        return False
-    return True
-
-  def _grow(self, state: Rollout, b: int, tokens: int, keep: set, runnable) -> bool:
-    """Row b's pages cover transcript positions [0, tokens)."""
-    need = -(-tokens // self.page_size) - len(state.pages[b])
-    if need <= 0:
-      return True
-    if not self._reserve(state, int(state.group[b]), need, keep | {b}, runnable):
-      return False
-    state.pages[b] = state.pages[b] + state.allocators[state.group[b]].alloc(need)
-    return True
-
-  def _too_small(self, state: Rollout, b: int, tokens: int):
-    raise ValueError(f"Sampler: the KV pool ({state.allocators[0].capacity} pages of "
-                     f"{self.page_size} tokens per group) cannot hold one sequence of {tokens} "
-                     f"tokens; raise kv_tokens (now {self.kv_tokens}).")
-
   # -- the host loop ------------------------------------------------------------------
 
   def run(self, params, state: Rollout, num_steps: int,
@@ -508,99 +304,6 @@ class Sampler:
       self._admit_and_extend(params, state, quota, sampling)
       self._decode_round(params, state, quota, sampling)
     return state
-
-  def _slots_per_group(self, state):
-    return -(-self.max_slots // self.groups) if self.max_slots else state.batch_size
-
-  def _admit_and_extend(self, params, state: Rollout, quota, sampling):
-    runnable = ~state.done & (quota > 0)
-    items, keep = [], set()
-    for g in range(self.local_groups):
-      rows = [b for b in np.flatnonzero(runnable & (state.group == g))]
-      running = sum(bool(state.resident[b]) for b in rows)
-      for b in rows:
-        L = state.length(b)
-        if state.resident[b] and L - state.cached[b] < 2:
-          continue  # only its pending token: decode takes it
-        if not state.resident[b] and running >= self._slots_per_group(state):
-          continue  # waits for a slot
-        if not self._grow(state, b, L, keep, runnable):
-          if not keep and running <= int(state.resident[b]):
-            self._too_small(state, b, L)
-          continue  # waits for pages
-        running += not state.resident[b]
-        state.resident[b] = True
-        keep.add(b)
-        items.append(self._item(state, b, state.transcript(b)[state.cached[b]:], steps=1))
-    self._extend(params, state, items, sampling)
-    for it in items:
-      b, out = it["row"], it["out"]
-      state.cached[b] = state.length(b)
-      self._append(state, b, [out["token"]], [out["logp"]], [out["sampler_logp"]])
-      self._end_rows(state, b, out["stopped"], out["truncated"])
-      quota[b] -= 1
-
-  def _decode_round(self, params, state: Rollout, quota, sampling):
-    runnable = ~state.done & (quota > 0)
-    items, keep, waiting = [], set(), False
-    for g in range(self.local_groups):
-      rows = [b for b in np.flatnonzero(runnable & (state.group == g) & state.resident)
-              if state.length(b) - state.cached[b] == 1]
-      waiting |= int((runnable & (state.group == g)).sum()) > len(rows)
-      for b in rows[:self._slots_per_group(state)]:
-        if not state.resident[b]:
-          continue  # preempted for an earlier row of this round
-        L = state.length(b)
-        steps = int(min(quota[b], self.decode_chunk, state.capacity(b) - L))
-        if steps <= 0:  # no room left in its columns
-          self._end_rows(state, b, False, True)
-          continue
-        width = self.table_width(state.cache_len, max(
-            [-(-(int(state.cached[b]) + steps) // self.page_size)]
-            + [len(it["pages"]) for it in items if it["group"] == g]))
-        scheduled = sum(it["group"] == g for it in items)
-        if scheduled and bucket(scheduled + 1) > self.decode_rows_cap(
-            state.allocators[g].num_pages, width):
-          waiting = True
-          break
-        if not self._grow(state, b, int(state.cached[b]) + steps, keep, runnable):
-          if not keep:
-            self._too_small(state, b, int(state.cached[b]) + steps)
-          waiting = True
-          break
-        keep.add(b)
-        items.append(self._item(state, b, state.transcript(b)[-1:], steps=steps))
-      waiting |= len(rows) > len([it for it in items if it["group"] == g])
-    total = distributed.agree_sum(len(items))
-    if not total:
-      return
-    waiting = distributed.any_process(waiting)
-    # Return to the host when a quarter of the rows (rows are waiting) or half of
-    # them (none are) have ended: refill the slots, or compact to a smaller bucket.
-    min_active = total - max(1, total // 4) if waiting else total // 2
-    K = distributed.agree_max(min(bucket(max(it["steps"] for it in items) if items else 1),
-                                  bucket(self.decode_chunk)))
-    rows = self._rows(state, items, 1)
-    state.pool, out = self.program("decode", K)(params, state.pool, rows, state.key,
-                                                 sampling.as_arrays(), jnp.int32(min_active))
-    out = {k: distributed.host_local(v) for k, v in out.items()}
-    state.stats["decode_calls"] += 1
-    state.stats["decode_steps"] += int(out["count"].max(initial=0))
-    for it in items:
-      b, r = it["row"], it["_row"]
-      n = int(out["count"][r])
-      state.cached[b] += n
-      self._append(state, b, out["token"][r, :n], out["logp"][r, :n], out["sampler_logp"][r, :n])
-      self._end_rows(state, b, out["stopped"][r], out["truncated"][r])
-      quota[b] -= n
-      self._trim(state, b)
-
-  def _trim(self, state: Rollout, b: int):
-    """Gives back pages past the row's cached tokens and its pending one."""
-    keep = -(-(int(state.cached[b]) + 1) // self.page_size)
-    if len(state.pages[b]) > keep:
-      state.allocators[state.group[b]].release(state.pages[b][keep:])
-      state.pages[b] = state.pages[b][:keep]
 
   # -- episode control ----------------------------------------------------------------
 
@@ -617,10 +320,10 @@ class Sampler:
       if not len(ids):
         continue
       room = state.capacity(b) - state.length(b)
-      self._append(state, b, list(ids)[:room])
+      state.append(b, list(ids)[:room])
       state.done[b] = state.stopped[b] = state.truncated[b] = False
       if room <= len(ids) or state.num_generated[b] >= state.max_new[b]:
-        self._end_rows(state, b, False, True)  # no room or budget left for a reply
+        state.end(b, False, True)  # no room or budget left for a reply
     return state
 
   def rewind(self, state: Rollout, keep_until: dict) -> Rollout:
@@ -644,7 +347,7 @@ class Sampler:
       state.num_generated[b] = int(state.gen_mask[b].sum())
       state.cached[b] = min(int(state.cached[b]), state.length(b) - 1)
       if state.resident[b]:
-        self._trim(state, b)
+        state.trim(b)
     return state
 
   def finish(self, state: Rollout, rows) -> Rollout:
@@ -652,8 +355,14 @@ class Sampler:
     for b in rows:
       state.done[b] = True
       if state.resident[b]:
-        self._evict(state, b)
+        state.evict(b)
     return state
+
+  def take_stats(self) -> dict:
+    """Totals over the rollouts since the last call (the trainer logs them per step):
+    preemptions, device calls and steps, prompt tokens shared, peak pool use."""
+    totals, self._totals = self._totals, {}
+    return totals
 
   def local_batch_size(self, state: Rollout) -> int:
     """Rows of `state` that belong to this process (all of them in one process)."""
@@ -662,12 +371,18 @@ class Sampler:
   def outputs(self, state: Rollout) -> SampleOutput:
     """Ends the rollout: frees every page and the pool, and returns the host view."""
     for b in np.flatnonzero(state.resident):
-      self._evict(state, b)
+      state.evict(b)
     leaked = [g for g, a in enumerate(state.allocators) if not a.is_whole()]
     if leaked:
       raise AssertionError(f"Sampler: KV pages leaked in groups {leaked}.")
     state.stats["peak_pages"] = max(a.peak_used for a in state.allocators)
     state.pool = None
+    self.last_stats = dict(state.stats)
+    for k in ("preemptions", "extend_calls", "decode_calls", "decode_steps",
+              "shared_prefix_tokens"):
+      self._totals[k] = self._totals.get(k, 0) + state.stats[k]
+    self._totals["kv_peak_frac"] = max(self._totals.get("kv_peak_frac", 0.0), max(
+        a.peak_used / a.capacity for a in state.allocators))
     return SampleOutput(
         tokens=state.tokens.copy(), prompt_mask=state.prompt_mask.copy(),
         gen_mask=state.gen_mask.copy(), forced_mask=state.forced_mask.copy(),
@@ -682,6 +397,4 @@ class Sampler:
     state = self.start(params, prompt_tokens, prompt_mask, key=key, n=n,
                        max_new_tokens=max_new_tokens, cache_len=cache_len, sampling=sampling)
     state = self.run(params, state, state.cache_len, sampling)
-    out = self.outputs(state)
-    self.last_stats = dict(state.stats)  # preemptions, calls, peak pages (benchmarks, logs)
-    return out
+    return self.outputs(state)

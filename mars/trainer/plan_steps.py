@@ -8,7 +8,6 @@ cost_analysis against (XLA counts a loop body once: the layer scan, the
 micro-batch scan and the decode loop).
 """
 import dataclasses
-import functools
 import math
 import os
 from typing import Any, Optional
@@ -24,7 +23,7 @@ from mars.rl import optim, step as step_lib
 from mars.rl import micro as micro_lib
 from mars.models import paged
 from mars.sampling import decode as decode_lib
-from mars.sampling import engine
+from mars.sampling import engine, scheduler
 from mars.trainer import specs
 
 QUEUE_LEN = specs.SAMPLER_QUEUE_LEN  # the trainer's Sampler
@@ -282,8 +281,8 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
   sampler_resident = train_state + f["ref"]
   sampler_named = dict(params=f["params"] + f["critic"] + f["ref"] + f["rollout_params"],
                        optimizer=f["optimizer"], kv_cache=kv)
-  C = min(engine.bucket(P, min(16, sampler.prefill_chunk)), sampler.prefill_chunk)
-  Rg = min(engine.bucket(-(-B // G)), sampler.extend_rows_cap(C))
+  C = min(scheduler.bucket(P, min(16, sampler.prefill_chunk)), sampler.prefill_chunk)
+  Rg = min(scheduler.bucket(-(-B // G)), sampler.extend_rows_cap(C))
   M = sampler.table_width(S, -(-P // p))
   prefill_args = (rollout_params, pool, rows_spec(Rg * G, C, M), _sds(key.shape, key.dtype, rep),
                   sampling_args)
@@ -297,10 +296,10 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
   # Decode: every slot's row as long as the pool allows (its table width), capped
   # like the engine caps it (gathered pages ≤ 2 × the pool).
   slots = min(B * n, sampler.max_slots or B * n)
-  Rd = engine.bucket(-(-slots // G))
+  Rd = scheduler.bucket(-(-slots // G))
   Md = sampler.table_width(S, min(-(-S // p), max(1, (pages - 1) // Rd)))
   Rd = min(Rd, max(1, sampler.decode_rows_cap(pages, Md)))
-  K = min(engine.bucket(geo.max_new), engine.bucket(sampler.decode_chunk))
+  K = min(scheduler.bucket(geo.max_new), scheduler.bucket(sampler.decode_chunk))
   decode_args = (rollout_params, pool, rows_spec(Rd * G, 1, Md), _sds(key.shape, key.dtype, rep),
                  sampling_args, _sds((), jnp.int32, rep))
   live = min(Rd * Md * p, (pages - 1) * p)  # tokens a full pool holds for these rows
@@ -312,5 +311,5 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
              + attention_flops(model_cfg, Rd * G, 1, Md * p)) / ndev,
       hbm_bytes=ideal, ideal_bytes=ideal, loop_trips=L,
       shape=f"{Rd * G} rows × {Md * p} KV slots (one token)"))
-  facts = dict(f, kv_cache=kv, train_state=train_state, geometry=dataclasses.asdict(geo))
+  facts = dict(f, kv_tokens=(pages - 1) * p * G, kv_cache=kv, train_state=train_state, geometry=dataclasses.asdict(geo))
   return [st for st in steps if want(st.name.split("+")[0])], facts

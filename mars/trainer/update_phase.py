@@ -149,6 +149,7 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
       "time/rollout_s": rollout_s, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2b,
       "time/step_s": (t3 - t1) if before_update is not None else rollout_s + (t3 - t1),
       "compile_count/sampler": sampling.compile_count(),
+      **{f"sampler/{k}": float(v) for k, v in run.sampler.take_stats().items()},
       # Equal unless some batch shape compiled twice (the state changed dtype,
       # tree or layout between steps); tests/test_train.py asserts they match.
       "compile_count/train_step": len(run.train_step.traces),
