@@ -12,7 +12,8 @@ Presets:
   10% of the budget, 15% in between, 5% run to it); tokens/s and KV bytes vs the
   static engine, the paged pool sized to 40% of the static cache.
 - cpu-flat: 16 rows × (64 prompt + 64 new) live tokens, in a row capacity of 512 vs
-  8192 tokens: decode time per token should not grow with the capacity.
+  8192 tokens, the paged pool fixed at 10,240 tokens: decode time per token should not
+  grow with the capacity.
 - gpu-1.5b: Qwen2.5-1.5B shape, bf16, 128 rows, 512 + 1024 tokens; HBM roofline fraction.
 
 Tokens/s counts generated tokens; the first call of each shape (the compile) is
@@ -39,7 +40,7 @@ PRESETS = {
     "cpu-longtail": dict(model=SMALL, dtype="float32", batch=64, prompt_len=64, new_tokens=2048,
                          longtail=True, kv_fraction=0.4, engines=("mars", "static")),
     "cpu-flat": dict(model=SMALL, dtype="float32", batch=16, prompt_len=64, new_tokens=64,
-                     capacities=(512, 8192), engines=("mars", "static")),
+                     capacities=(512, 8192), kv_tokens=16 * 640, engines=("mars", "static")),
     "gpu-1.5b": dict(model=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                 num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                                 tie_word_embeddings=True),
@@ -192,6 +193,8 @@ def main(argv=None):
       s = dict(spec, cache_len=cache_len)
       if preset.get("kv_fraction"):
         s["engine_kw"] = dict(kv_tokens=int(preset["kv_fraction"] * B * cache_len))
+      if preset.get("kv_tokens"):  # the same pool at every capacity: a fixed live-token budget
+        s["engine_kw"] = dict(kv_tokens=preset["kv_tokens"])
       for eng in engines:
         if eng == "mars":
           result["engines"]["mars" + tag] = run_engine(s)

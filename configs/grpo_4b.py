@@ -31,6 +31,11 @@ def get_config():
   c.rollout.group_size = 8
   c.rollout.temperature = 1.0
   c.rollout.max_new_tokens = 8192
+  # KV page pool: 262,144 tokens over the slice (mars.plan: the 4B and 8B rollouts then fit
+  # a v5p-8, decode at 52% / 66% of HBM; the 4B fits up to 524,288 at 90%). 1,024 rows ×
+  # 8,193 slots as a static cache would need 9.4M tokens; rows past the pool are preempted
+  # and re-prefilled (sampler/preemptions in the metrics).
+  c.sampling.kv_tokens = 262144
   c.episode.kind = "single_turn"
   c.rl.adv_estimator = "grpo"
   c.rl.kl_coef = 0.0

@@ -126,6 +126,10 @@ def get_config():
   c.episode.attempt_end = "chunk"
   c.episode.max_chunks = MAX_CHUNKS
   c.episode.budget = MAX_CHUNKS * CHUNK_TOKENS
+  # KV page pool over the slice: 2,097,152 tokens (~2,048 per row, about a whole episode;
+  # a static cache of 1,024 × 5,120 slots would be 5.2M). mars.plan: the rollout then fits
+  # a v5p-8 and a v6e-8 (docs/plan.md); rows past the pool are preempted and re-prefilled.
+  c.sampling.kv_tokens = 2097152
   c.episode.reward_correct = 1.0
   c.episode.reward_wrong = -0.5
   c.episode.reward_no_answer = -1.0
