@@ -105,7 +105,7 @@ def test_oversized_config_does_not_fit():
              "--config.data.prompts_per_step=4096", "--config.episode.budget=60000")
   assert out.returncode == 1, out.stderr[-2000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("prefill: ")][-1]
-  assert line.startswith("prefill: does not fit: needs ") and "try data.prompts_per_step=" in line
+  assert line.startswith("prefill: does not fit: needs ") and "data.prompts_per_step=" in line
 
 
 def test_unknown_topology_is_one_error_line():

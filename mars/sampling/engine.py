@@ -362,6 +362,11 @@ class Sampler(Scheduler):
     """Totals over the rollouts since the last call (the trainer logs them per step):
     preemptions, device calls and steps, prompt tokens shared, peak pool use."""
     totals, self._totals = self._totals, {}
+    if distributed.is_multiprocess():  # every process calls this: totals over all rows
+      for k in ("preemptions", "shared_prefix_tokens"):
+        totals[k] = distributed.agree_sum(totals.get(k, 0))
+    if "kv_peak_frac" in totals:  # in millionths, exchanged as an int
+      totals["kv_peak_frac"] = distributed.agree_max(int(1e6 * totals["kv_peak_frac"])) / 1e6
     return totals
 
   def local_batch_size(self, state: Rollout) -> int:

@@ -17,6 +17,11 @@ from mars.sampling import decode
 from mars.sampling.rollout import Rollout
 
 
+# Rows per group of a device call are at least this (padding rows are cheap next to a
+# compile): fewer shapes when a batch compacts down to its stragglers.
+ROWS_FLOOR = 8
+
+
 def bucket(n: int, lo: int = 1) -> int:
   """The power of two >= max(n, lo)."""
   return max(lo, 1 << max(0, int(n) - 1).bit_length())
@@ -50,7 +55,7 @@ class Scheduler:
     """Device rows for `items`, group-major, each group padded to one agreed bucket."""
     G = self.local_groups
     per_group = [[it for it in items if it["group"] == g] for g in range(G)]
-    Rg = bucket(max(len(x) for x in per_group))
+    Rg = bucket(max(len(x) for x in per_group), ROWS_FLOOR)
     M = self.table_width(state.cache_len, max([len(it["pages"]) for it in items] or [1]))
     Rg, M, width = distributed.agree_max(Rg, M, width)
     R = Rg * G
@@ -173,14 +178,18 @@ class Scheduler:
     # Return to the host when a quarter of the rows (rows are waiting) or half of
     # them (none are) have ended: refill the slots, or compact to a smaller bucket.
     min_active = total - max(1, total // 4) if waiting else total // 2
-    K = distributed.agree_max(min(bucket(max(it["steps"] for it in items) if items else 1),
-                                  bucket(self.decode_chunk)))
+    if not waiting and total // 2 < ROWS_FLOOR * self.local_groups:
+      min_active = 0  # the bucket would not shrink below its floor: run to the end
+    # One loop length for every call (rows' own step counts end them earlier): the
+    # output buffers are small, and a per-call bucket multiplied the compiled shapes.
+    K = bucket(self.decode_chunk)
     rows = self._rows(state, items, 1)
     state.pool, out = self.program("decode", K)(params, state.pool, rows, state.key,
                                                  sampling.as_arrays(), jnp.int32(min_active))
     out = {k: distributed.host_local(v) for k, v in out.items()}
     state.stats["decode_calls"] += 1
-    state.stats["decode_steps"] += int(out["count"].max(initial=0))
+    # Steps of the call (all processes' rows): the same figure on every process.
+    state.stats["decode_steps"] += distributed.agree_max(int(out["count"].max(initial=0)))
     for it in items:
       b, r = it["row"], it["_row"]
       n = int(out["count"][r])

@@ -299,7 +299,7 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
   Rd = scheduler.bucket(-(-slots // G))
   Md = sampler.table_width(S, min(-(-S // p), max(1, (pages - 1) // Rd)))
   Rd = min(Rd, max(1, sampler.decode_rows_cap(pages, Md)))
-  K = min(scheduler.bucket(geo.max_new), scheduler.bucket(sampler.decode_chunk))
+  K = scheduler.bucket(sampler.decode_chunk)
   decode_args = (rollout_params, pool, rows_spec(Rd * G, 1, Md), _sds(key.shape, key.dtype, rep),
                  sampling_args, _sds((), jnp.int32, rep))
   live = min(Rd * Md * p, (pages - 1) * p)  # tokens a full pool holds for these rows
