@@ -96,6 +96,32 @@ def _expected_probs(logits, temperature, top_k, top_p):
   return p / p.sum()
 
 
+def _numpy_keep(scaled, top_p, top_k):
+  """HF's rule with a plain numpy sort: keep a token while the mass before it < top_p,
+  and among the top_k (ties at the threshold kept)."""
+  order = np.argsort(-scaled, kind="stable")
+  probs = np.exp(scaled[order].astype(np.float64) - scaled.max())
+  probs /= probs.sum()
+  before = np.cumsum(probs) - probs
+  n = int(np.sum((before < top_p) & (np.arange(len(order)) < (top_k or len(order)))))
+  return scaled >= scaled[order][n - 1]
+
+
+@pytest.mark.parametrize("top_p,top_k", [(0.95, 0), (0.5, 0), (1e-6, 0), (1.0, 50), (0.9, 20),
+                                         (0.3, 1)])
+def test_filter_logits_keeps_what_a_sort_keeps(top_p, top_k):
+  """The bisection filter against the numpy sort on Qwen's 151,936-token vocabulary
+  (random logits, a row with ties and -inf entries)."""
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(3, 151936)) * 3).astype(np.float32)
+  x[1, :1000] = x[1, 0]                      # ties
+  x[2, ::2] = -np.inf                        # masked vocabulary
+  got = np.asarray(jax.jit(filter_logits)(jnp.asarray(x), top_p, top_k))
+  for row in range(3):
+    np.testing.assert_array_equal(np.isfinite(got[row]), _numpy_keep(x[row], top_p, top_k))
+    assert np.all(got[row][np.isfinite(got[row])] == x[row][np.isfinite(got[row])])
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 12, 1.0), (1.3, 0, 0.6)])
 def test_sampled_distribution_matches_softmax(models, temperature, top_k, top_p):
   """Chi-square test of 4096 first tokens against softmax(logits/T) with filters."""

