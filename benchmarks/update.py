@@ -9,12 +9,18 @@ micro-batching, precision and optimizer hyper-parameters, in one run:
   torch  HF transformers Qwen2ForCausalLM (sdpa attention), torch.optim.AdamW,
          loss -sum(logp·A·mask) / sum(mask).
 
+cpu-longtail runs mars twice, padded and packed (rl.packing, mars/rl/seq_pack.py),
+on rows with rollout-like long-tailed lengths (generate.py's mix: 80% of the
+responses stop within 10% of the budget, 15% in between, 5% run to it), and no
+torch; there tokens/s counts real tokens only.
+
 tokens/s counts every token of the batch (B × T) per update. Compile (mars) and
 warm-up (torch) time is excluded from tokens/s and reported separately. On a
 GPU, MFU = 6 · params · tokens / (time · peak bf16 dense flops); it ignores
 attention flops and remat recompute, as is usual.
 
     python benchmarks/update.py --preset cpu-small --out benchmarks/results/update_cpu.json
+    python benchmarks/update.py --preset cpu-longtail --out benchmarks/results/update_cpu_longtail.json
     python benchmarks/update.py --preset gpu-1.5b --out benchmarks/results/update_h100.json
 """
 import argparse
@@ -44,6 +50,14 @@ PRESETS = {
                                  rope_theta=10000.0),  # mars needs it explicit; torch's default
                       param_dtype="float32", compute_dtype="float32", remat="none",
                       batch=8, seq_len=256, micro_batch=8, steps=5),
+    # The cpu-small model on 32 rows of a 64-token prompt + up to 448 response tokens.
+    "cpu-longtail": dict(model=dict(vocab_size=8192, hidden_size=512, intermediate_size=1408,
+                                    num_hidden_layers=4, num_attention_heads=8,
+                                    num_key_value_heads=2, tie_word_embeddings=True,
+                                    rope_theta=10000.0),
+                         param_dtype="float32", compute_dtype="float32", remat="none",
+                         batch=32, seq_len=512, micro_batch=16, steps=5, longtail=True,
+                         prompt_len=64),
     # Qwen2.5-1.5B shape, fp32 master weights + bf16 compute (both sides), 4k tokens/row.
     "gpu-1.5b": dict(model=QWEN25_15B, param_dtype="float32", compute_dtype="bfloat16",
                      remat="full", batch=8, seq_len=4096, micro_batch=2, steps=5),
@@ -67,14 +81,33 @@ def _model_dict(preset):
   return model
 
 
+def response_lengths(B, budget, rng):
+  """generate.py's long-tailed mix: 80% within 10% of the budget, 15% between, 5% full."""
+  u = rng.random(B)
+  short = rng.integers(1, budget // 10 + 1, B)
+  mid = rng.integers(budget // 10, budget, B)
+  out = np.where(u < 0.8, short, np.where(u < 0.95, mid, budget))
+  out[:max(1, B // 20)] = budget
+  return rng.permutation(out)
+
+
 def make_data(preset, seed=0):
+  """(tokens, attention_mask, loss_mask, advantages), [B, T] each."""
   rng = np.random.default_rng(seed)
   B, T, V = preset["batch"], preset["seq_len"], preset["model"]["vocab_size"]
   tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+  attention = np.ones((B, T), bool)
   loss_mask = np.zeros((B, T), bool)
-  loss_mask[:, int(T * PROMPT_FRACTION):] = True
+  if preset.get("longtail"):
+    P = preset["prompt_len"]
+    for r, n in enumerate(response_lengths(B, T - P, rng)):
+      attention[r, P + n:] = False
+      loss_mask[r, P:P + n] = True
+    tokens = np.where(attention, tokens, 0).astype(np.int32)
+  else:
+    loss_mask[:, int(T * PROMPT_FRACTION):] = True
   adv = np.where(loss_mask, rng.normal(size=(B, 1)), 0.0).astype(np.float32)
-  return tokens, loss_mask, adv
+  return tokens, attention, loss_mask, adv
 
 
 def _device_name():
@@ -118,7 +151,7 @@ def setup_torch(preset, data, model_dict):
   opt = torch.optim.AdamW(model.parameters(), lr=OPT["lr"], betas=(OPT["b1"], OPT["b2"]),
                           eps=OPT["eps"], weight_decay=OPT["weight_decay"],
                           **({"fused": True} if on_gpu else {}))
-  tokens, loss_mask, adv = (torch.from_numpy(x).to(dev) for x in data)
+  tokens, _, loss_mask, adv = (torch.from_numpy(x).to(dev) for x in data)
   tokens = tokens.long()
   mask_f = loss_mask.float()
   num_tokens = mask_f.sum()
@@ -157,8 +190,8 @@ def setup_torch(preset, data, model_dict):
 # ----------------------------------------------------------------------------
 # mars.
 
-def setup_mars(preset, data, model_dict):
-  """(step, info, close) for the mars train step."""
+def setup_mars(preset, data, model_dict, packing=False):
+  """(step, info, close) for the mars train step (padded, or packed rows)."""
   import jax
   from mars import config as mars_config
   from mars import sharding
@@ -172,15 +205,15 @@ def setup_mars(preset, data, model_dict):
   cfg = from_hf_dict(hf, param_dtype=preset["param_dtype"], dtype=preset["compute_dtype"],
                      remat=preset["remat"])
   mesh = sharding.make_mesh((1, -1, 1))  # all devices on fsdp (one GPU / one CPU: size 1)
-  tokens, loss_mask, adv = data
+  tokens, attention, loss_mask, adv = data
   B, T = tokens.shape
   batch = empty_batch(B, T).replace(
-      tokens=tokens, attention_mask=np.ones((B, T), bool),
-      positions=np.asarray(positions_from_mask(np.ones((B, T), bool))), loss_mask=loss_mask)
+      tokens=tokens, attention_mask=attention,
+      positions=np.asarray(positions_from_mask(attention)), loss_mask=loss_mask)
   batch = jax.device_put(batch, step_lib.batch_shardings(mesh))
   adv = jax.device_put(adv, sharding.batch_sharding(mesh))
   rl_cfg = mars_config.rl_config(micro_batch_size=preset["micro_batch"], agg_mode="token-mean",
-                                 recompute_old_logp=False)
+                                 recompute_old_logp=False, packing=packing)
 
   opt = optim.make_optimizer(mars_config.optimizer_config(**OPT))
   shardings = step_lib.train_state_shardings(cfg, mesh, opt)
@@ -199,6 +232,8 @@ def setup_mars(preset, data, model_dict):
   def step():
     holder["state"], holder["metrics"] = train_step(holder["state"], batch, adv, adv)
     jax.block_until_ready(holder["metrics"])
+    if packing:
+      holder["efficiency"] = holder["metrics"]["pack_efficiency"]
 
   def close():
     assert int(holder["metrics"]["skipped_updates"]) == 0, "an update was skipped (non-finite)"
@@ -206,7 +241,48 @@ def setup_mars(preset, data, model_dict):
     jax.clear_caches()
 
   info = dict(jax_version=jax.__version__, mars_num_params=cfg.num_params())
+  if packing:
+    info["packed_efficiency"] = lambda: holder.get("efficiency")
   return step, info, close
+
+
+def main_longtail(args, preset, data):
+  """mars padded vs mars packed, interleaved, on the long-tailed rows."""
+  real = int(data[1].sum())
+  sides = {}
+  for name, packing in (("padded", False), ("packed", True)):
+    step, info, close = setup_mars(preset, data, preset["model"], packing)
+    first = _time(step)
+    eff = info.pop("packed_efficiency", lambda: None)()
+    sides[name] = dict(step=step, close=close, first=first, times=[], info=info, eff=eff)
+  for _ in range(preset["steps"]):
+    for side in sides.values():
+      side["times"].append(_time(side["step"]))
+  for side in sides.values():
+    side["close"]()
+  res = dict(preset=args.preset, device=_device_name(), batch=preset["batch"],
+             seq_len=preset["seq_len"], micro_batch=preset["micro_batch"],
+             prompt_len=preset["prompt_len"], real_tokens=real,
+             padded_efficiency=real / data[1].size, packed_efficiency=sides["packed"]["eff"],
+             model=preset["model"], steps=preset["steps"], timing="interleaved, median",
+             threads=args.threads or os.cpu_count(), load_avg_1min=os.getloadavg()[0],
+             **sides["padded"]["info"])
+  for name, side in sides.items():
+    res[f"{name}_step_s"] = float(np.median(side["times"]))
+    res[f"{name}_compile_s"] = side["first"] - res[f"{name}_step_s"]
+    res[f"{name}_step_times_s"] = side["times"]
+    res[f"{name}_real_tokens_per_s"] = real / res[f"{name}_step_s"]
+  res["packed_vs_padded"] = res["padded_step_s"] / res["packed_step_s"]
+  print(f"policy update, preset {args.preset} on {res['device']}: {preset['batch']} rows of "
+        f"{preset['prompt_len']} + up to {preset['seq_len'] - preset['prompt_len']} tokens "
+        f"(long tail), micro-batch {preset['micro_batch']}")
+  print(f"  {'':<22}{'padded':>12}{'packed':>12}")
+  print(f"  {'real tokens/s':<22}{res['padded_real_tokens_per_s']:>12.1f}"
+        f"{res['packed_real_tokens_per_s']:>12.1f}")
+  print(f"  {'step s':<22}{res['padded_step_s']:>12.3f}{res['packed_step_s']:>12.3f}")
+  print(f"  {'efficiency':<22}{res['padded_efficiency']:>12.1%}{res['packed_efficiency']:>12.1%}")
+  print(f"  packed / padded: {res['packed_vs_padded']:.2f}x")
+  return res
 
 
 def _time(step):
@@ -244,6 +320,13 @@ def main(argv=None):
   model_dict = _model_dict(preset)
   preset["model"] = model_dict
   data = make_data(preset)
+  if preset.get("longtail"):
+    res = main_longtail(args, preset, data)
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    return res
   tokens_per_step = preset["batch"] * preset["seq_len"]
 
   # CPU: both live at once and timed steps alternate, so load from other processes

@@ -139,6 +139,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.rl.micro_batch_size = ml_collections.FieldReference(0, field_type=object)
   c.rl.auto_micro_batch_margin = 0.1
   c.rl.auto_micro_batch_prompt_len = 1024
+  # Sequence packing (mars/rl/seq_pack.py): the log-prob/value recompute and the
+  # update run the model on each micro-batch's sequences laid end to end in
+  # rows of pack_length columns (0: the minibatch's padded length), so compute
+  # follows real tokens, not rows × the longest one. Losses are unchanged.
+  c.rl.packing = False
+  c.rl.pack_length = 0
   # PPO's old_logp, and LTE's behaviour logp of its hinted replacements (under
   # the hinted prompt): a trainer forward pass (True, as verl does: the
   # sampler's numerics, bf16 decode and other kernels, differ from the

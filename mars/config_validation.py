@@ -106,6 +106,10 @@ def validate(c, num_devices: int = None) -> None:
   elif isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
     raise ConfigError(f"rl.micro_batch_size must be a row count >= 0 (0 = the minibatch) or "
                       f"\"auto\", got {micro!r}.")
+  if isinstance(c.rl.pack_length, bool) or not isinstance(c.rl.pack_length, int) or \
+      c.rl.pack_length < 0:
+    raise ConfigError(f"rl.pack_length must be a column count >= 0 (0 = the padded length), "
+                      f"got {c.rl.pack_length!r}.")
   micro = micro or mb
   if mb % micro:
     raise ConfigError(f"rl.minibatch_size={mb} is not divisible by rl.micro_batch_size={micro}.")

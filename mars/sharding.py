@@ -169,3 +169,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Rows over data×fsdp, everything else replicated."""
   return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def micro_rows_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
+  """[micro, rows, ...] arrays (e.g. packed rows per micro-batch): rows over data×fsdp."""
+  return NamedSharding(mesh, PartitionSpec(None, LOGICAL_RULES["batch"], *([None] * (ndim - 2))))

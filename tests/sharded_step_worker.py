@@ -44,7 +44,7 @@ ROWS, MINIBATCH, MICRO = 32, 16, 8
 OPT = mars_config.optimizer_config(lr=1e-2, eps=1e-4, weight_decay=0.01, grad_clip=1.0)
 
 
-def run(mesh):
+def run(mesh, packing=False):
   params = jax.tree.map(jnp.asarray, PARAMS_HOST)
   opt, copt = optim.make_optimizer(OPT), optim.make_optimizer(OPT)
   critic = critic_lib.init_critic(params, TINY, jax.random.key(1), head_std=0.02)
@@ -53,7 +53,7 @@ def run(mesh):
   if mesh is not None:
     shardings = step_lib.train_state_shardings(TINY, mesh, opt, copt)
     state = jax.device_put(state, shardings)
-  cfg = dict(RL_CFG, micro_batch_size=MICRO)
+  cfg = dict(RL_CFG, micro_batch_size=MICRO, packing=packing)
   train_step = step_lib.make_train_step(TINY, cfg, opt, copt, mesh, shardings)
   batch, adv, ret = BATCH
   state, metrics = step_lib.ppo_epochs(train_step, state, batch, adv, ret, num_epochs=1,
@@ -69,9 +69,12 @@ def main():
   ref_state, ref_metrics = run(None)
   ref = jax.device_get((ref_state.params, ref_state.critic_params))
   out = {"devices": jax.device_count(), "ref_loss": ref_metrics["loss"]}
-  for name, shape in {"fsdp2_tensor4": (1, 2, 4), "data8": (8, 1, 1)}.items():
+  runs = {"fsdp2_tensor4": ((1, 2, 4), False), "data8": ((8, 1, 1), False),
+          # Sequence packing (mars/rl/seq_pack.py): packed rows over data×fsdp.
+          "data4_fsdp2_packed": ((4, 2, 1), True)}
+  for name, (shape, packing) in runs.items():
     mesh = sharding.make_mesh(shape)
-    state, metrics = run(mesh)
+    state, metrics = run(mesh, packing)
     got = jax.device_get((state.params, state.critic_params))
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got, ref))
     q = state.params["layers"]["q"]
@@ -85,6 +88,7 @@ def main():
         "critic_kernel_spec": str(state.critic_params["value_head"]["kernel"].sharding.spec),
         "num_updates": metrics["num_updates"],
         "skipped_updates": metrics["skipped_updates"],
+        "pack_efficiency": metrics.get("pack_efficiency"),
     }
   print(json.dumps(out))
 

@@ -236,11 +236,12 @@ def test_sharded_step_matches_unsharded(sharded_check):
   assert sharded_check.returncode == 0, err[-4000:]
   out = json.loads(out.strip().splitlines()[-1])
   assert out["devices"] == 8
-  for name in ("fsdp2_tensor4", "data8"):
+  for name in ("fsdp2_tensor4", "data8", "data4_fsdp2_packed"):
     r = out[name]
     assert r["max_param_diff"] < 1e-5, (name, r)
     assert r["loss_diff"] < 1e-5 and r["grad_norm_diff"] < 1e-5, (name, r)
     assert r["num_updates"] == 2 and r["skipped_updates"] == 0
+  assert out["data4_fsdp2_packed"]["pack_efficiency"] > 0   # it really ran packed
   # q [layers, embed, heads, head_dim]: embed over fsdp=2, heads over tensor=4.
   fsdp_tensor = out["fsdp2_tensor4"]
   assert fsdp_tensor["q_shard_shape"] == [TINY.num_layers, TINY.hidden_size // 2,

@@ -10,6 +10,10 @@ recomputes each block's probabilities from them (custom_vjp). Key blocks
 wholly above the causal diagonal are skipped, in both passes, so a causal
 forward does about half the dense FLOPs.
 
+With `segment_ids` (packed rows, mars/rl/seq_pack.py) a query attends only to
+keys of its own segment, so several sequences share one row without seeing
+each other (a block-diagonal causal mask).
+
 It runs on every backend (it is what `model.attention="chunked"` selects, and
 the CPU reference for kernels). Scores, softmax statistics and accumulators
 are fp32 whatever the input dtype; the output is cast back to it.
@@ -34,7 +38,7 @@ def _pad_to(x, length, axis=1, value=0):
 
 def _layout(q, k, v, key_mask, block):
   """Pads T to a multiple of the block and splits it: q [n, B, bq, KVH, G, hd],
-  k/v [n, B, bk, KVH, hd], mask [n, B, bk]."""
+  k/v [n, B, bk, KVH, hd], mask [n, B, bk] (the mask may be int segment ids)."""
   B, T, H, hd = q.shape
   kvh = k.shape[2]
   n = -(-T // block)
@@ -42,32 +46,41 @@ def _layout(q, k, v, key_mask, block):
   q = _pad_to(q, Tp).reshape(B, n, block, kvh, H // kvh, hd)
   k = _pad_to(k, Tp).reshape(B, n, block, kvh, hd)
   v = _pad_to(v, Tp).reshape(B, n, block, kvh, hd)
-  m = _pad_to(key_mask, Tp, value=False).reshape(B, n, block)
+  m = _pad_to(key_mask, Tp, value=0).reshape(B, n, block)
   return (jnp.moveaxis(q, 1, 0), jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0),
           jnp.moveaxis(m, 1, 0), n)
 
 
-def _scores(qi, kj, mask_j, i, j, block, scale):
+def _scores(qi, kj, mask_j, i, j, block, scale, seg_i=None):
   """fp32 scores of query block i against key block j, [B, KVH, G, bq, bk],
-  and where they count (causal by column index, and the key is not padding)."""
+  and where they count (causal by column index, and the key is not padding).
+
+  With segments, mask_j holds the key block's segment ids (0: empty slot) and
+  seg_i the query block's: a key counts only in the query's own segment."""
   s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
   q_idx = i * block + jnp.arange(block)
   k_idx = j * block + jnp.arange(block)
-  valid = (k_idx[None, :] <= q_idx[:, None])[None, None, None] & mask_j[:, None, None, None, :]
+  valid = (k_idx[None, :] <= q_idx[:, None])[None, None, None]
+  if seg_i is None:
+    valid = valid & mask_j[:, None, None, None, :]
+  else:
+    same = (seg_i[:, :, None] == mask_j[:, None, :]) & (mask_j[:, None, :] > 0)
+    valid = valid & same[:, None, None]
   return jnp.where(valid, s, -_BIG), valid
 
 
-def _forward(q, k, v, key_mask, block):
+def _forward(q, k, v, key_mask, block, packed):
   B, T, H, hd = q.shape
   scale = hd ** -0.5
   qb, kb, vb, mb, n = _layout(q, k, v, key_mask, block)
 
   def one_query_block(args):
     i, qi = args
+    seg_i = mb[i] if packed else None
 
     def body(j, carry):
       m, l, acc = carry
-      s, valid = _scores(qi, kb[j], mb[j], i, j, block, scale)
+      s, valid = _scores(qi, kb[j], mb[j], i, j, block, scale, seg_i)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
@@ -94,21 +107,29 @@ def _forward(q, k, v, key_mask, block):
   return out.astype(v.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def flash_attention(q, k, v, key_mask, block: int = 512):
+def flash_attention(q, k, v, key_mask, block: int = 512, segment_ids=None):
   """Causal GQA attention. q [B,T,H,hd], k/v [B,T,KVH,hd], key_mask [B,T] bool
   (False: padding, never attended to). Query t attends to keys s <= t (column
   index, as qwen.forward's mask); outputs at padding queries are meaningless
-  (zeros here). `block` is the query and key block size (T is padded to it)."""
-  return _forward(q, k, v, key_mask, min(block, q.shape[1]))[0]
+  (zeros here). `block` is the query and key block size (T is padded to it).
+  segment_ids [B,T] int (packed rows; 0 = empty slot) replace key_mask: a query
+  attends only to keys of its own segment."""
+  if segment_ids is None:
+    return _flash(q, k, v, key_mask.astype(bool), block, False)
+  return _flash(q, k, v, segment_ids.astype(jnp.int32), block, True)
 
 
-def _fwd(q, k, v, key_mask, block):
-  out, lse = _forward(q, k, v, key_mask, min(block, q.shape[1]))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, key_mask, block, packed):
+  return _forward(q, k, v, key_mask, min(block, q.shape[1]), packed)[0]
+
+
+def _fwd(q, k, v, key_mask, block, packed):
+  out, lse = _forward(q, k, v, key_mask, min(block, q.shape[1]), packed)
   return out, (q, k, v, key_mask, out, lse)
 
 
-def _bwd(block, res, dout):
+def _bwd(block, packed, res, dout):
   q, k, v, key_mask, out, lse = res
   B, T, H, hd = q.shape
   kvh = k.shape[2]
@@ -124,7 +145,7 @@ def _bwd(block, res, dout):
   lse = jnp.moveaxis(lse.reshape(B, kvh, G, n, block), 3, 0)
 
   def probs(i, j):
-    s, valid = _scores(qb[i], kb[j], mb[j], i, j, block, scale)
+    s, valid = _scores(qb[i], kb[j], mb[j], i, j, block, scale, mb[i] if packed else None)
     p = jnp.where(valid, jnp.exp(s - lse[i][..., None]), 0.0)
     dp = jnp.einsum("bqkgd,bskd->bkgqs", do[i], vb[j], preferred_element_type=jnp.float32)
     return p, p * (dp - delta[i][..., None])
@@ -153,4 +174,4 @@ def _bwd(block, res, dout):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-flash_attention.defvjp(_fwd, _bwd)
+_flash.defvjp(_fwd, _bwd)

@@ -80,9 +80,11 @@ def logprobs_from_hidden(cfg: ModelConfig, params: Params, hidden, tokens,
 
 
 def sequence_logprobs(cfg: ModelConfig, params: Params, tokens, attention_mask,
-                      positions=None, with_entropy: bool = False):
-  """(logp [B, T], entropy [B, T] or None) of a padded batch: forward + scoring."""
-  hidden = qwen.forward(cfg, params, tokens, attention_mask, positions, return_hidden=True)
+                      positions=None, with_entropy: bool = False, segment_ids=None):
+  """(logp [B, T], entropy [B, T] or None) of a padded (or packed, with
+  `segment_ids`) batch: forward + scoring."""
+  hidden = qwen.forward(cfg, params, tokens, attention_mask, positions, return_hidden=True,
+                        segment_ids=segment_ids)
   return logprobs_from_hidden(cfg, params, hidden, tokens, with_entropy)
 
 

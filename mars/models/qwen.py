@@ -236,21 +236,28 @@ def remat_layer(layer, policy: str):
 
 
 def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
-            positions=None, *, return_hidden: bool = False):
+            positions=None, *, return_hidden: bool = False, segment_ids=None):
   """Logits [B, T, V] (or final hidden states [B, T, D]) for a padded batch.
 
   Works for left-, right- or mixed-padded batches: padding is excluded from
   attention, and `positions` (default: count of real tokens − 1) make RoPE
   ignore it. Logits at padding positions are meaningless.
+
+  Packed rows (mars/rl/seq_pack.py) pass `segment_ids` [B, T] (1, 2, ... per
+  sequence, 0 on empty slots) and each sequence's own `positions`: a token
+  attends only to earlier tokens of its own segment (block-diagonal causal).
   """
   attention_mask = attention_mask.astype(bool)
   if positions is None:
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
   T = tokens.shape[1]
   if cfg.attention == "chunked":
-    attend = lambda q, k, v: flash.flash_attention(q, k, v, attention_mask, cfg.attention_block)
+    attend = lambda q, k, v: flash.flash_attention(q, k, v, attention_mask, cfg.attention_block,
+                                                   segment_ids)
   elif cfg.attention == "dense":
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     attend = lambda q, k, v: attention(q, k, v, mask, cfg)
   else:
     raise ValueError(f"unknown attention {cfg.attention!r}; choose one of {ATTENTION_KINDS}.")

@@ -70,10 +70,11 @@ def init_critic(policy_params: Params, cfg: ModelConfig, key: jax.Array,
 
 
 def critic_values(cfg: ModelConfig, critic_params: Params, tokens, attention_mask,
-                  positions=None):
-  """V(s_t) for every column: [B, T] f32, column 0 is 0 (see module docstring)."""
+                  positions=None, segment_ids=None):
+  """V(s_t) for every column: [B, T] f32, column 0 is 0 (see module docstring);
+  `segment_ids` for packed rows (qwen.forward)."""
   hidden = qwen.forward(cfg, critic_params["backbone"], tokens, attention_mask, positions,
-                        return_hidden=True)
+                        return_hidden=True, segment_ids=segment_ids)
   head = critic_params["value_head"]
   # fp32 head: values feed GAE and a squared loss; bf16 rounding would bias both.
   v = jnp.einsum("btd,d->bt", hidden[:, :-1].astype(jnp.float32),

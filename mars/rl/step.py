@@ -34,6 +34,9 @@ defaults are mars.config.default_config().rl's, and this function has none of it
                             rollout_seq_ratio, tis_cap, mis_lo/hi, icepop_alpha/beta.
   recompute_old_logp        True: old_logp is the trainer's, so the sampler/trainer
                             mismatch (rollout_corr/*) is logged every update.
+  packing, pack_length      run the model on packed rows (mars.rl.seq_pack) of
+                            pack_length columns (0: the minibatch's T); the
+                            losses still read the padded [B, T] arrays.
 
 Feedback tokens (`transparent_mask`) are out of every loss: the contract keeps
 them outside `loss_mask`, and the step also masks them out (`loss_mask &
@@ -54,6 +57,7 @@ from mars.rl import correction
 from mars.rl import critic as critic_lib
 from mars.rl import losses
 from mars.rl import micro as micro_lib
+from mars.rl import seq_pack
 from mars.rl.train_state import (  # re-exported: the step's state and shardings
     TrainState, batch_shardings, init_train_state, train_state_shardings)
 
@@ -89,7 +93,9 @@ def _loss_options(rl_cfg) -> dict:
       cispo_eps_high=float(rl_cfg["cispo_eps_high"]),
       correction=correction.options(rl_cfg),
       # ρ ≡ 1 by construction when old_logp is the sampler's: nothing to log.
-      rollout_metrics=bool(rl_cfg["recompute_old_logp"]))
+      rollout_metrics=bool(rl_cfg["recompute_old_logp"]),
+      packing=bool(rl_cfg["packing"]),
+      pack_length=int(rl_cfg["pack_length"]))
 
 
 def _rollout_weights(opts: dict, batch: RolloutBatch, mask):
@@ -113,8 +119,20 @@ def _loss_denominator(mask, agg_mode: str):
   return jnp.sum(jnp.any(mask, axis=-1))
 
 
+def _model_logprobs(cfg: ModelConfig, params, batch: RolloutBatch, packed, with_entropy: bool):
+  """(logp, entropy or None) [b, T] of a micro-batch's padded rows; with `packed` =
+  (tokens, positions, segment ids, target) the model runs on the packed rows."""
+  if packed is None:
+    return logprobs.sequence_logprobs(cfg, params, batch.tokens, batch.attention_mask,
+                                      batch.positions, with_entropy=with_entropy)
+  tok, pos, seg, target = packed
+  logp, ent = logprobs.sequence_logprobs(cfg, params, tok, seg > 0, pos, with_entropy, seg)
+  return (seq_pack.unpack(logp, target),
+          None if ent is None else seq_pack.unpack(ent, target))
+
+
 def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, advantages,
-                     denominator):
+                     denominator, packed=None):
   """Scalar policy loss of one micro-batch and its metrics (differentiable in params)."""
   mask = _train_mask(batch)
   # Zero every input outside the mask: a NaN there (e.g. -inf behaviour logp on
@@ -123,9 +141,8 @@ def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, 
                                     (batch.old_logp, batch.ref_logp, advantages))
   agg = dict(agg_mode=opts["agg_mode"], max_len_norm=opts["max_len_norm"],
              denominator=denominator)
-  logp, entropy_per_token = logprobs.sequence_logprobs(
-      cfg, params, batch.tokens, batch.attention_mask, batch.positions,
-      with_entropy=bool(opts["entropy_coef"]))
+  logp, entropy_per_token = _model_logprobs(cfg, params, batch, packed,
+                                            bool(opts["entropy_coef"]))
   loss, metrics = losses.policy_loss(
       logp, old_logp, advantages, mask, batch.is_off_policy,
       eps_low=opts["eps_low"], eps_high=opts["eps_high"], dual_clip_c=opts["dual_clip_c"],
@@ -150,10 +167,15 @@ def policy_objective(params, cfg: ModelConfig, opts: dict, batch: RolloutBatch, 
 
 
 def critic_objective(critic_params, cfg: ModelConfig, opts: dict, batch: RolloutBatch,
-                     returns, denominator):
+                     returns, denominator, packed=None):
   mask = _train_mask(batch)
-  values = critic_lib.critic_values(cfg, critic_params, batch.tokens, batch.attention_mask,
-                                    batch.positions)
+  if packed is None:
+    values = critic_lib.critic_values(cfg, critic_params, batch.tokens, batch.attention_mask,
+                                      batch.positions)
+  else:
+    tok, pos, seg, target = packed
+    values = seq_pack.unpack(critic_lib.critic_values(cfg, critic_params, tok, seg > 0, pos, seg),
+                             target)
   old_values, returns = jnp.where(mask, batch.values, 0.0), jnp.where(mask, returns, 0.0)
   loss, metrics = losses.value_loss(values, old_values, returns, mask, opts["value_clip"],
                                     opts["agg_mode"], opts["max_len_norm"], denominator)
@@ -179,9 +201,12 @@ def _combine_micro_metrics(stacked: dict, weights):
 
 
 def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
-                         batch: RolloutBatch, advantages, returns):
+                         batch: RolloutBatch, advantages, returns,
+                         pack: Optional[seq_pack.PackIndex] = None):
   """Summed gradients over micro-batches == gradients of the whole minibatch.
 
+  With `pack` (seq_pack.plan_batch of this minibatch) the model runs on each
+  micro-batch's packed rows; the losses are the padded ones, token for token.
   Returns (policy_loss, policy_grads, critic_loss, critic_grads, metrics); the
   critic entries are None without a critic. Gradients are f32.
   """
@@ -189,6 +214,11 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
   denominator = _loss_denominator(mask, opts["agg_mode"])
   n = micro_lib.num_micro(batch.tokens.shape[0], opts["micro_batch_size"])
   micro = jax.tree.map(lambda x: micro_lib.split_micro(x, n), (batch, advantages, returns))
+  if pack is not None:
+    tok, pos, seg = seq_pack.pack_inputs(pack, batch.tokens, batch.positions)
+    micro = micro + ((tok, pos, seg, micro_lib.split_micro(pack.target, n)),)
+  else:
+    micro = micro + (None,)
   has_critic = critic_params is not None
   zeros = lambda tree: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), tree)
   policy_grad_fn = jax.value_and_grad(policy_objective, has_aux=True)
@@ -196,12 +226,13 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
 
   def body(carry, xs):
     p_loss, p_grads, c_loss, c_grads = carry
-    mb, adv, ret = micro_lib.constrain_rows(xs)
-    (loss, metrics), grads = policy_grad_fn(params, cfg, opts, mb, adv, denominator)
+    mb, adv, ret, packed = micro_lib.constrain_rows(xs)
+    (loss, metrics), grads = policy_grad_fn(params, cfg, opts, mb, adv, denominator, packed)
     p_loss = p_loss + loss
     p_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), p_grads, grads)
     if has_critic:
-      (closs, cmetrics), cgrads = critic_grad_fn(critic_params, cfg, opts, mb, ret, denominator)
+      (closs, cmetrics), cgrads = critic_grad_fn(critic_params, cfg, opts, mb, ret, denominator,
+                                                 packed)
       c_loss = c_loss + closs
       c_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), c_grads, cgrads)
       metrics.update(cmetrics)
@@ -243,6 +274,10 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
                     state_shardings: Optional[TrainState] = None):
   """Jitted `fn(state, batch, advantages [B,T], returns [B,T]) -> (state, metrics)`.
 
+  With rl_cfg's `packing`, fn plans each minibatch's packing on the host
+  (seq_pack.plan_batch) and runs the model on packed rows (one compile per
+  packed-rows bucket); `pack_efficiency` (real tokens / packed slots) joins the metrics.
+
   `fn.traces` lists the batch shapes of every compile of this step (log its
   length; a repeated entry is a recompile), `fn.jitted` is the jax.jit object.
 
@@ -260,12 +295,12 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
   # silent recompile, and donation that reuses nothing.
   traces = []
 
-  def step(state: TrainState, batch: RolloutBatch, advantages, returns):
-    traces.append(tuple(x.shape for x in jax.tree.leaves(batch)))
+  def step(state: TrainState, batch: RolloutBatch, advantages, returns, pack=None):
+    traces.append(tuple(x.shape for x in jax.tree.leaves((batch, pack))))
     with sharding.use_mesh(mesh):
       has_critic = state.critic_params is not None
       p_loss, p_grads, c_loss, c_grads, metrics = accumulate_gradients(
-          model_cfg, opts, state.params, state.critic_params, batch, advantages, returns)
+          model_cfg, opts, state.params, state.critic_params, batch, advantages, returns, pack)
       grad_norm = optax.tree.norm(p_grads)
       ok = jnp.isfinite(p_loss) & jnp.isfinite(grad_norm)
       updates, opt_state = policy_opt.update(p_grads, state.opt_state, state.params)
@@ -293,11 +328,25 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
       metrics["skipped_updates"] = skipped
       return new_state, metrics
 
+  micro = opts["micro_batch_size"]
+
+  def plan(batch):
+    """(PackIndex, efficiency) of a minibatch, or (None, None) unpacked."""
+    if not opts["packing"]:
+      return None, None
+    return micro_lib.plan_packing(batch.attention_mask, micro, mesh, opts["pack_length"])
+
+  def with_efficiency(out, efficiency):
+    if efficiency is not None:
+      out[1]["pack_efficiency"] = efficiency
+    return out
+
   if mesh is None:
     jitted = jax.jit(step, donate_argnums=0)
 
     def unchecked(state, batch, advantages, returns):
-      return jitted(state, batch, advantages, returns)
+      pack, efficiency = plan(batch)
+      return with_efficiency(jitted(state, batch, advantages, returns, pack), efficiency)
 
     unchecked.jitted, unchecked.traces = jitted, traces
     return unchecked
@@ -305,10 +354,10 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     state_shardings = train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
   rows = sharding.batch_sharding(mesh, 2)
   batch_sh = batch_shardings(mesh)
+  pack_sh = micro_lib.pack_index_shardings(mesh) if opts["packing"] else None
   jitted = jax.jit(step, donate_argnums=0,
-                   in_shardings=(state_shardings, batch_sh, rows, rows),
+                   in_shardings=(state_shardings, batch_sh, rows, rows, pack_sh),
                    out_shardings=(state_shardings, sharding.replicated(mesh)))
-  micro = opts["micro_batch_size"]
 
   def checked(state, batch, advantages, returns):
     # A clear error before compiling, rather than an XLA sharding failure.
@@ -318,7 +367,8 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     # layout; put them on the declared one (a no-op when they already match).
     batch, advantages, returns = jax.device_put((batch, advantages, returns),
                                                 (batch_sh, rows, rows))
-    return jitted(state, batch, advantages, returns)
+    pack, efficiency = plan(batch)
+    return with_efficiency(jitted(state, batch, advantages, returns, pack), efficiency)
 
   checked.jitted, checked.traces = jitted, traces
   return checked

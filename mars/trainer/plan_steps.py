@@ -21,6 +21,7 @@ from mars.episodes import multi_attempt, packing
 from mars.models import qwen
 from mars.rl import optim, step as step_lib
 from mars.rl import micro as micro_lib
+from mars.rl import seq_pack
 from mars.models import paged
 from mars.sampling import decode as decode_lib
 from mars.sampling import engine, scheduler
@@ -199,6 +200,18 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
         reward=v(jnp.float32), group_id=v(jnp.int32), is_off_policy=v(jnp.bool_),
         truncated=v(jnp.bool_), sampler_logp=m(jnp.float32), policy_version=v(jnp.int32))
 
+  def pack_index(n_rows):
+    """With rl.packing, the largest PackIndex of n_rows padded rows: as many packed rows
+    as the padded micro-batch (seq_pack.plan's cap), so the plan is an upper bound."""
+    if not c.rl.packing:
+      return None
+    n = n_rows // (micro or n_rows)
+    three = sharding.micro_rows_sharding(mesh, 3)
+    L_pack = c.rl.pack_length or T
+    return seq_pack.PackIndex(source=_sds((n, n_rows // n, L_pack), jnp.int32, three),
+                              segment=_sds((n, n_rows // n, L_pack), jnp.int32, three),
+                              target=_sds((n_rows, T), jnp.int32, two))
+
   full_batch = device_bytes(batch(rows))
   has_critic = critic_opt is not None
   L, V, D = model_cfg.num_layers, model_cfg.vocab_size, model_cfg.hidden_size
@@ -225,7 +238,8 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
                         + logits_io(micro or mb)) + 2 * train_state)
   steps.append(Step(
       "update" + ("+critic" if has_critic else ""), train_step.jitted,
-      (state, batch(mb), _sds((mb, T), jnp.float32, two), _sds((mb, T), jnp.float32, two)), {},
+      (state, batch(mb), _sds((mb, T), jnp.float32, two), _sds((mb, T), jnp.float32, two),
+       pack_index(mb)), {},
       named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
       resident=f["ref"] + full_batch, flops=flops / ndev, hbm_bytes=traffic,
       loop_trips=L * n_micro, shape=f"{mb} rows × {T}, micro {micro or mb}"))
@@ -240,10 +254,15 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
     if params is None:
       continue
     what_fn = "values" if critic_fwd else "logprobs"
-    fn = micro_lib.recompute_fn(model_cfg, mesh, micro, what_fn)
     pb = f["critic"] if critic_fwd else f["params"]
+    if c.rl.packing:
+      fn = micro_lib.recompute_fn(model_cfg, mesh, micro, what_fn, True)
+      args = (params, rows_args[0], rows_args[2], pack_index(rows))
+    else:
+      fn = micro_lib.recompute_fn(model_cfg, mesh, micro, what_fn)
+      args = (params,) + rows_args
     steps.append(Step(
-        what, fn, (params,) + rows_args, {},
+        what, fn, args, {},
         named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
         resident=train_state - pb + f["ref"] + full_batch,
         flops=forward_flops(model_cfg, rows, T, lm_head=not critic_fwd) / ndev,

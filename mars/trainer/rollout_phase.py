@@ -74,9 +74,11 @@ def rescore_responses(run: Run, rows) -> list:
   batch = jax.tree.map(distributed.global_array_from_local, host,
                        step_lib.batch_shardings(run.mesh))
   micro = c.rl.micro_batch_size or None
+  micro = micro if micro and batch.tokens.shape[0] % micro == 0 else None
+  pack = (micro_lib.plan_packing(batch.attention_mask, micro, run.mesh, c.rl.pack_length)[0]
+          if c.rl.packing else None)
   logp = micro_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
-                                   micro_batch_size=micro if micro and
-                                   batch.tokens.shape[0] % micro == 0 else None, mesh=run.mesh)
+                                   micro_batch_size=micro, mesh=run.mesh, pack=pack)
   local = distributed.host_local(logp)
   return [local[i, P:P + len(r.response)] for i, r in enumerate(rows)]
 

@@ -69,17 +69,22 @@ def make_advantages_fn(rl_cfg: dict, num_groups: int):
 def prepare_batch(run: Run, host_batch):
   """Device batch with old/ref logprobs and values filled in.
 
-  Returns (batch, recomputed): `recomputed` is the trainer's logprob of the
-  rollout under the current params, or None when rl.recompute_old_logp is off
-  and the sampler's logprob serves as old_logp.
+  Returns (batch, recomputed, pack stats): `recomputed` is the trainer's logprob
+  of the rollout under the current params, or None when rl.recompute_old_logp is
+  off and the sampler's logprob serves as old_logp; with rl.packing the stats
+  are the packed and padded efficiencies (real tokens / slots).
   """
   c = run.config
   batch = host_batch if isinstance(host_batch.tokens, jax.Array) else jax.device_put(
       host_batch, step_lib.batch_shardings(run.mesh))
   micro = c.rl.micro_batch_size or None
+  # One packing plan for the three recomputes (old, ref, values).
+  pack, efficiency = (micro_lib.plan_packing(batch.attention_mask, micro, run.mesh,
+                                             c.rl.pack_length)
+                      if c.rl.packing else (None, None))
   if c.rl.recompute_old_logp:
     recomputed = micro_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
-                                           micro_batch_size=micro, mesh=run.mesh)
+                                           micro_batch_size=micro, mesh=run.mesh, pack=pack)
     # Off-policy (LTE) rows keep the behaviour logprob under the hinted prompt.
     old_logp = lte.old_logp_for_loss(batch, recomputed)
   else:
@@ -88,12 +93,16 @@ def prepare_batch(run: Run, host_batch):
     recomputed, old_logp = None, batch.behaviour_logp
   zeros = jnp.zeros_like(batch.behaviour_logp)
   ref_logp = (micro_lib.compute_logprobs(run.model_cfg, run.ref_params, batch,
-                                        micro_batch_size=micro, mesh=run.mesh)
+                                        micro_batch_size=micro, mesh=run.mesh, pack=pack)
               if run.ref_params is not None else zeros)
   values = (micro_lib.compute_values(run.model_cfg, run.state.critic_params, batch,
-                                    micro_batch_size=micro, mesh=run.mesh)
+                                    micro_batch_size=micro, mesh=run.mesh, pack=pack)
             if run.state.critic_params is not None else zeros)
-  return batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values), recomputed
+  stats = {} if efficiency is None else {
+      "pack/recompute_efficiency": efficiency,
+      "pack/padded_efficiency": float(jnp.mean(batch.attention_mask))}
+  return (batch.replace(old_logp=old_logp, ref_logp=ref_logp, values=values), recomputed,
+          stats)
 
 
 def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
@@ -110,7 +119,7 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
   c = run.config
   _, k_ppo = jax.random.split(jax.random.fold_in(run.base_key, step))
   t1 = time.perf_counter()
-  batch, recomputed = prepare_batch(run, to_device_batch(run, result))
+  batch, recomputed, pack_stats = prepare_batch(run, to_device_batch(run, result))
   if version is not None:
     batch = batch.replace(policy_version=batch.group_id * 0 + version)
   adv, ret = adv_fn(batch)
@@ -132,8 +141,10 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
       group_outcomes(rewards, [r.group_id for r in result.rows], c.rollout.group_size),
       host_metrics.Metrics().mean("reward/mean", rewards)
       .mean("response_length/mean", [r.is_model.sum() for r in result.rows])))
-  m.update({f"loss/{k}" if k in ("loss", "pg_loss", "vf_loss") else k: v
+  m.update({f"loss/{k}" if k in ("loss", "pg_loss", "vf_loss") else
+            "pack/update_efficiency" if k == "pack_efficiency" else k: v
             for k, v in update_metrics.items()})
+  m.update(pack_stats)
   # The rewards the update saw (device batch), beside reward/mean (host rows):
   # equal unless a step between the two (shaping, re-packing) lost something.
   m["reward/trained_mean"] = float(jnp.mean(batch.reward))
