@@ -98,6 +98,14 @@ def plan(starts, lengths, width: int, num_micro: int, rows_multiple: int = 1,
   return PackIndex(source=source, segment=segment, target=target)
 
 
+def largest_shapes(rows: int, width: int, num_micro: int, length: int = 0) -> PackIndex:
+  """The shapes of the largest PackIndex `plan` can return for `rows` padded rows (as
+  many packed rows per micro-batch as the padded micro-batch has): what the planner
+  compiles, and what a step traced without data (jax.eval_shape) is traced with."""
+  packed = (num_micro, rows // num_micro, length or width)
+  return PackIndex(source=packed, segment=packed, target=(rows, width))
+
+
 def efficiency(index: PackIndex) -> float:
   """Real tokens / packed slots."""
   return float(np.mean(np.asarray(index.segment) > 0))

@@ -334,9 +334,20 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     """(PackIndex, efficiency) of a minibatch, or (None, None) unpacked."""
     if not opts["packing"]:
       return None, None
+    if isinstance(batch.attention_mask, jax.core.Tracer):
+      # Traced without data (jax.eval_shape of the step): the largest packing.
+      rows, width = batch.attention_mask.shape
+      shapes = seq_pack.largest_shapes(rows, width, micro_lib.num_micro(rows, micro),
+                                       opts["pack_length"])
+      return jax.tree.map(lambda s: jnp.zeros(s, jnp.int32), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple)), None
     return micro_lib.plan_packing(batch.attention_mask, micro, mesh, opts["pack_length"])
 
-  def with_efficiency(out, efficiency):
+  def call(state, batch, advantages, returns):
+    pack, efficiency = plan(batch)
+    if pack is None:
+      return jitted(state, batch, advantages, returns)
+    out = jitted(state, batch, advantages, returns, pack)
     if efficiency is not None:
       out[1]["pack_efficiency"] = efficiency
     return out
@@ -345,8 +356,7 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     jitted = jax.jit(step, donate_argnums=0)
 
     def unchecked(state, batch, advantages, returns):
-      pack, efficiency = plan(batch)
-      return with_efficiency(jitted(state, batch, advantages, returns, pack), efficiency)
+      return call(state, batch, advantages, returns)
 
     unchecked.jitted, unchecked.traces = jitted, traces
     return unchecked
@@ -354,9 +364,10 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     state_shardings = train_state_shardings(model_cfg, mesh, policy_opt, critic_opt)
   rows = sharding.batch_sharding(mesh, 2)
   batch_sh = batch_shardings(mesh)
-  pack_sh = micro_lib.pack_index_shardings(mesh) if opts["packing"] else None
-  jitted = jax.jit(step, donate_argnums=0,
-                   in_shardings=(state_shardings, batch_sh, rows, rows, pack_sh),
+  in_sh = (state_shardings, batch_sh, rows, rows)
+  if opts["packing"]:   # the PackIndex, a 5th argument
+    in_sh += (micro_lib.pack_index_shardings(mesh),)
+  jitted = jax.jit(step, donate_argnums=0, in_shardings=in_sh,
                    out_shardings=(state_shardings, sharding.replicated(mesh)))
 
   def checked(state, batch, advantages, returns):
@@ -367,8 +378,7 @@ def make_train_step(model_cfg: ModelConfig, rl_cfg, policy_opt: optax.GradientTr
     # layout; put them on the declared one (a no-op when they already match).
     batch, advantages, returns = jax.device_put((batch, advantages, returns),
                                                 (batch_sh, rows, rows))
-    pack, efficiency = plan(batch)
-    return with_efficiency(jitted(state, batch, advantages, returns, pack), efficiency)
+    return call(state, batch, advantages, returns)
 
   checked.jitted, checked.traces = jitted, traces
   return checked

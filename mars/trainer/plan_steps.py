@@ -201,16 +201,12 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
         truncated=v(jnp.bool_), sampler_logp=m(jnp.float32), policy_version=v(jnp.int32))
 
   def pack_index(n_rows):
-    """With rl.packing, the largest PackIndex of n_rows padded rows: as many packed rows
-    as the padded micro-batch (seq_pack.plan's cap), so the plan is an upper bound."""
-    if not c.rl.packing:
-      return None
-    n = n_rows // (micro or n_rows)
-    three = sharding.micro_rows_sharding(mesh, 3)
-    L_pack = c.rl.pack_length or T
-    return seq_pack.PackIndex(source=_sds((n, n_rows // n, L_pack), jnp.int32, three),
-                              segment=_sds((n, n_rows // n, L_pack), jnp.int32, three),
-                              target=_sds((n_rows, T), jnp.int32, two))
+    """With rl.packing, the largest PackIndex of n_rows padded rows (as many packed rows
+    as the padded micro-batch: seq_pack.plan's cap), so the plan is an upper bound."""
+    shapes = seq_pack.largest_shapes(n_rows, T, n_rows // (micro or n_rows), c.rl.pack_length)
+    return jax.tree.map(lambda s, sh: _sds(s, jnp.int32, sh), shapes,
+                        micro_lib.pack_index_shardings(mesh),
+                        is_leaf=lambda x: isinstance(x, tuple))
 
   full_batch = device_bytes(batch(rows))
   has_critic = critic_opt is not None
@@ -238,8 +234,8 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
                         + logits_io(micro or mb)) + 2 * train_state)
   steps.append(Step(
       "update" + ("+critic" if has_critic else ""), train_step.jitted,
-      (state, batch(mb), _sds((mb, T), jnp.float32, two), _sds((mb, T), jnp.float32, two),
-       pack_index(mb)), {},
+      (state, batch(mb), _sds((mb, T), jnp.float32, two), _sds((mb, T), jnp.float32, two))
+      + ((pack_index(mb),) if c.rl.packing else ()), {},
       named=dict(params=f["params"] + f["critic"] + f["ref"], optimizer=f["optimizer"]),
       resident=f["ref"] + full_batch, flops=flops / ndev, hbm_bytes=traffic,
       loop_trips=L * n_micro, shape=f"{mb} rows × {T}, micro {micro or mb}"))
