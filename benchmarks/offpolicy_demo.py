@@ -29,7 +29,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--config.model.compute_dtype=bfloat16", "--config.rl.recompute_old_logp=True"]
+COMMON = ["--config.model.compute_dtype=bfloat16", "--config.rl.recompute_old_logp=True",
+          "--config.train.eval_before=False"]   # the options' curves, not a before/after table
 OPTIONS = {
     "none": [],
     "tis": ["--config.rl.rollout_correction=tis"],

@@ -113,11 +113,7 @@ def get_config():
   # 8, default effort: temporaries 40.7 -> 27.5 GiB per chip (55% -> 41% of HBM),
   # and micro 32 fits (67%). Costs one more lm_head forward in the backward.
   c.model.logits_chunk = 1024
-  # Sequence packing for the log-prob passes and the update (mars/rl/seq_pack.py):
-  # responses are long-tailed, so padded rows are mostly padding. Losses are the
-  # padded ones token for token; benchmarks/update.py --preset cpu-longtail: 2.99x
-  # the padded update's tokens/s (real tokens 28% -> 91% of the model's slots).
-  c.rl.packing = True
+  c.rl.packing = True  # sequence packing, as configs/grpo_4b.py says why
   c.data.name = "simplerl_math_l3to5"
   c.data.prompts_per_step = 1024
   c.rollout.group_size = 1
