@@ -1,45 +1,14 @@
 """Shared fixtures. 8 virtual CPU devices for every test (sharding tests need
 them; unsharded code just runs on device 0), set before JAX initialises."""
 import os
-import pathlib
-import re
 
-# The suite's programs are tiny, so it is compile-bound: XLA's CPU compile of one
-# train step or sampler program took 2-7 s, and its run a few ms. Without LLVM's
-# optimisation passes and with the classic (not the MLIR "fusion emitter") loop
-# codegen, the same programs compile ~3x faster (tests/test_step.py: 57 -> 30 s on
-# 2 cores) and run slower, which no test measures. Tests compare results between
-# runs of one process or against references with tolerances, never against
-# numbers compiled with other flags. Unknown XLA flags abort the process, so they
-# are set only for the jaxlib mars is tested with (setup.py's JAX_VERSION). The
-# subprocesses tests start append them too (MARS_TEST_XLA_FLAGS).
-_TESTED_JAX = re.search(r'JAX_VERSION = "([^"]+)"',
-                        (pathlib.Path(__file__).resolve().parents[1] / "setup.py").read_text())[1]
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-
-
-def _jaxlib_version():
-  from importlib import metadata
-  try:
-    return metadata.version("jaxlib")
-  except metadata.PackageNotFoundError:
-    return ""
-
-
-os.environ.setdefault("MARS_TEST_XLA_FLAGS",
-                      _FAST_COMPILE if _jaxlib_version() == _TESTED_JAX else "")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      + os.environ["MARS_TEST_XLA_FLAGS"])
-
-
-def xla_flags(devices: int) -> str:
-  """XLA_FLAGS for a subprocess with `devices` virtual CPU devices (and the suite's compile flags)."""
-  return f"--xla_force_host_platform_device_count={devices} {os.environ['MARS_TEST_XLA_FLAGS']}"
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import atexit
+import pathlib
 import shutil
 import tempfile
 

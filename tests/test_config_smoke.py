@@ -162,8 +162,6 @@ import time
 
 import pytest
 
-from conftest import xla_flags
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 VOLATILE = ("time/", "compile_count")
@@ -256,7 +254,7 @@ class Smoke:
         self._model_future(*key)
 
   def _worker_env(self) -> dict:
-    return dict(os.environ, XLA_FLAGS=xla_flags(1),
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                 JAX_PLATFORMS="cpu", MARS_TFDS_DIR=str(self.tfds),
                 MARS_DATA_DIR=str(self.shared / "data"), PYTHONUNBUFFERED="1")
 

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import xla_flags
-
 from mars import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +243,7 @@ def test_two_processes_on_localhost(tmp_path):
   (tmp_path / "w.py").write_text(_WORKER)
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2),
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen([sys.executable, str(tmp_path / "w.py")], env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

@@ -17,8 +17,6 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import xla_flags
-
 STEPS = 2
 FLAGS = [f"--config.train.steps={STEPS}", "--config.sft.steps=40",
          "--config.data.prompts_per_step=8", "--config.rollout.group_size=4",
@@ -35,7 +33,7 @@ def _env(devices, **extra):
   env = dict(os.environ)
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices),
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              **extra)
   return env
 
