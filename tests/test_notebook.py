@@ -13,7 +13,7 @@ def test_quickstart_notebook_runs_and_plots(tmp_path):
   params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
   assert len(params) == 1
   params[0].source = (f"STEPS = 2\nWORKDIR = {str(tmp_path / 'run')!r}\nINSTALL = False\n"
-                      "REPO = ''\nEVAL_PROBLEMS = 8")
+                      "REPO = ''\nEVAL_PROBLEMS = 8\nSFT_STEPS = 10")
   env_backup = dict(os.environ)
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   try:
