@@ -65,6 +65,7 @@ EVAL_MAX_ATTEMPTS = 2  # attempts-mode eval: Acc@1..2 (each k is its own set of 
 TINY_SFT_STEPS = 40      # configs/tiny.py's format warm start (200 steps): at 20 the model
                          # rarely boxes an answer, every group is all -1 and (a) fails by chance
 GRADER_WORKERS = 1
+KV_TOKENS_MIN = 4096     # a shrunk sampling.kv_tokens still holds every shrunk sequence
 
 
 # ----------------------------------------------------------------------------
@@ -280,6 +281,9 @@ def shrink_train_config(c, *, model_dir: str = "", tokenizer_dir: str = "") -> d
     _set(c, "rl.overlong_buffer", max(1, c.rl.overlong_buffer * max_new // c.rollout.max_new_tokens),
          changes)
   _set(c, "rollout.max_new_tokens", max_new, changes)
+  if c.sampling.kv_tokens:  # the KV page budget shrinks with the rollout's rows
+    _set(c, "sampling.kv_tokens", max(c.sampling.kv_tokens * rows // rows0, KV_TOKENS_MIN),
+         changes)
   if c.episode.kind == "multi_attempt":
     _set(c, "episode.budget", min(c.episode.budget, EPISODE_BUDGET), changes)
     _set(c, "episode.chunk_tokens", min(c.episode.chunk_tokens, CHUNK_TOKENS), changes)

@@ -76,7 +76,11 @@ the changed keys, printed with the timings):
                   attempts) and chunk_tokens 64 -> 8 (about one answer; tiny's
                   30 / 6 kept); DAPO rl.overlong_buffer 4096 -> 8 (the same
                   half of max_new_tokens, so the shaping is active).
-  tiny            sft.steps 300 -> 20 (its format warm start).
+  kv budget       sampling.kv_tokens with the rollout's rows (multi_attempt_1p5b
+                  2,097,152 -> 4,096, grpo_4b 262,144 -> 4,096; at least 4,096):
+                  the pool is allocated and zeroed at its full size on every
+                  rollout (268 MB at the tiny model's shapes for 2,097,152).
+  tiny            sft.steps 200 -> 40 (its format warm start; TINY_SFT_STEPS).
   lr schedule     an explicit one (total_steps set: the multi-attempt configs'
                   317-of-10560 warmup) is shrunk with the run in proportion:
                   warmup/delay scaled by 2 / train.steps, total_steps -> 0
