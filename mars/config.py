@@ -275,6 +275,10 @@ def default_eval_config() -> ml_collections.ConfigDict:
   c.limit = 0                     # problems per benchmark (seeded subsample); 0 = all
   c.seed = 0
   c.batch_size = 16               # prompts per generate call; passk rows = batch_size x n
+  # The rollout engine's KV page pool, in tokens (sampling.kv_tokens of a run); 0 =
+  # the run's (a run workdir: the same pool, so the trainer's compiled sampler
+  # programs serve the eval too), else sized to each rollout's rows at full length.
+  c.kv_tokens = 0
   c.grader_workers = 2
   c.grader_timeout_s = 5.0
   c.grader_boxes = ""             # math_verify | last; "" = the run's (else math_verify)

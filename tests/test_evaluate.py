@@ -314,18 +314,20 @@ def test_demo_benchmark_asks_the_question_the_run_trained_on(tmp_path):
   assert eval_settings.run_settings(str(tmp_path)) == {}  # no config.json
   (tmp_path / "config.json").write_text(json.dumps(
       {"data": {"candidates_k": 8, "candidates_rule": "first"},
-       "episode": {"budget": 30, "chunk_tokens": 6}, "rollout": {"max_new_tokens": 16}}))
+       "episode": {"budget": 30, "chunk_tokens": 6}, "rollout": {"max_new_tokens": 16},
+       "sampling": {"kv_tokens": 4096}}))
   (tmp_path / "checkpoints").mkdir()
   cfg = mars_config.default_eval_config()
   cfg.chunk_tokens = 12  # set by the user: kept
   eval_settings.fill_run_defaults(cfg, str(tmp_path))
   assert (cfg.candidates_k, cfg.candidates_rule, cfg.budget, cfg.chunk_tokens,
           cfg.max_new_tokens) == (8, "first", 30, 12, 16)
+  assert cfg.kv_tokens == 4096  # the run's KV pool: its compiled sampler programs fit the eval
   (tmp_path / "config.json").write_text("{not json")
   cfg = mars_config.default_eval_config()
   eval_settings.fill_run_defaults(cfg, str(tmp_path))
   assert (cfg.candidates_k, cfg.candidates_rule, cfg.budget, cfg.chunk_tokens,
-          cfg.max_new_tokens) == (3, "hidden", 3000, 64, 4096)
+          cfg.max_new_tokens, cfg.kv_tokens) == (3, "hidden", 3000, 64, 4096, 0)
   cfg = mars_config.default_eval_config()
   cfg.candidates_k, cfg.candidates_rule, cfg.limit = 8, "first", 20
   rows = eval_settings.load_problems(eval_settings.DEMO_BENCHMARK, cfg)

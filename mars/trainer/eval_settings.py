@@ -51,7 +51,7 @@ def validate(cfg) -> list:
       logging.warning("passk with temperature 0: all %d samples are identical.", cfg.n)
   elif cfg.max_attempts < 1:
     raise EvalError(f"max_attempts must be >= 1, got {cfg.max_attempts}.")
-  for field in ("budget", "chunk_tokens", "max_new_tokens"):
+  for field in ("budget", "chunk_tokens", "max_new_tokens", "kv_tokens"):
     if cfg[field] < 0:
       raise EvalError(f"{field} must be >= 0 (0 = the run's own), got {cfg[field]}.")
   if cfg.limit < 0 or cfg.batch_size < 1:
@@ -107,6 +107,7 @@ RUN_DEFAULTS = {  # eval field: (path in the run's config.json, fallback)
     "budget": (("episode", "budget"), 3000),
     "chunk_tokens": (("episode", "chunk_tokens"), 64),
     "grader_boxes": (("train", "grader_boxes"), "math_verify"),
+    "kv_tokens": (("sampling", "kv_tokens"), 0),
 }
 
 

@@ -23,11 +23,12 @@ def sampler_kwargs(config) -> dict:
   return {k: int(section[k]) for k in SAMPLER_FIELDS if k in section}
 
 
-def make_sampler(config, model_cfg, tokenizer, mesh):
-  """The run's rollout engine."""
+def make_sampler(config, model_cfg, tokenizer, mesh, **overrides):
+  """The run's rollout engine (`overrides`: Sampler arguments an eval config sets)."""
   from mars import sampling  # pylint: disable=g-import-not-at-top
   return sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                          mesh=mesh, queue_len=SAMPLER_QUEUE_LEN, **sampler_kwargs(config))
+                          mesh=mesh, queue_len=SAMPLER_QUEUE_LEN,
+                          **dict(sampler_kwargs(config), **overrides))
 
 
 def updates_per_step(config) -> int:
