@@ -104,10 +104,13 @@ def get_config():
   c.model.dtype = "float32"          # fp32 master params and Adam state
   c.model.compute_dtype = "bfloat16"  # bf16 forward/backward and rollout copy
   c.model.remat = "full"
-  # Flash attention in XLA for the update and log-prob passes: no [T, T] scores.
-  # mars.plan, grpo_4b update on v5p-8 at micro batch 8: temporaries 85.9 -> 39.9 GiB
-  # per chip (--effort=-1), 102% -> 54% of HBM (docs/design.md, "Memory options").
-  c.model.attention = "chunked"
+  # Flash attention for the update and log-prob passes: no [T, T] scores. "auto":
+  # the Pallas splash kernel on TPU, flash attention in XLA ("chunked") elsewhere.
+  # mars.plan, grpo_4b update on v5p-8 at micro batch 8: temporaries 85.9 (dense) ->
+  # 39.9 GiB (chunked, --effort=-1), 102% -> 54% of HBM; at the default effort with
+  # logits_chunk, chunked 27.5 / splash 26.8 GiB, compiled in 238 / 40 s
+  # (docs/design.md, "Memory options").
+  c.model.attention = "auto"
   # The lm_head + log-softmax over 1024 positions at a time: the [rows, T, 151936]
   # fp32 logits and their gradient are never whole. grpo_4b update, v5p-8, micro
   # 8, default effort: temporaries 40.7 -> 27.5 GiB per chip (55% -> 41% of HBM),

@@ -27,11 +27,13 @@ def default_config() -> ml_collections.ConfigDict:
   # memory experiments at large lr.
   c.model.allow_low_precision_params = False
   c.model.remat = "none"          # none | full | dots (models.config.REMAT_POLICIES)
-  # Attention of the update / log-prob forward: "dense" ([T, T] scores) or
+  # Attention of the update / log-prob forward: "dense" ([T, T] scores),
   # "chunked" (flash attention in XLA, models/flash.py: O(T) memory, causal
-  # blocks skipped). The sampler's cached attention is not affected.
+  # blocks skipped), the Pallas kernels "splash" (TPU) and "pallas_gpu" (GPU),
+  # or "auto": splash on TPU, chunked elsewhere (models/kernels.py says why).
+  # The sampler's cached attention is not affected.
   c.model.attention = "dense"
-  c.model.attention_block = 512   # query/key block of "chunked"
+  c.model.attention_block = 512   # query/key block of chunked / the kernels
   # Positions per chunk of the lm_head + log-softmax in the update and the
   # log-prob recompute (models/logprobs.py); 0 = the whole row at once. With a
   # 152k vocabulary the [rows, T, V] fp32 logits and their gradient are the

@@ -4,7 +4,10 @@ The defaults it checks live in mars/config.py.
 """
 import math
 
+import jax
+
 from mars.episodes.attempts import ATTEMPT_ENDS
+from mars.models import kernels
 from mars.models.config import ATTENTION_KINDS, REMAT_POLICIES
 from mars.rewards import BOXES
 
@@ -19,8 +22,9 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything compiles."""
 
 
-def validate(c, num_devices: int = None) -> None:
-  """One clear error line per problem, before any compile."""
+def validate(c, num_devices: int = None, platform: str = None) -> None:
+  """One clear error line per problem, before any compile. `platform`: where the
+  run's steps compile (default: JAX's backend; mars.plan passes "tpu")."""
   if c.algorithm not in ALGORITHMS:
     raise ConfigError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
   if c.model.remat not in REMAT_POLICIES:
@@ -28,6 +32,12 @@ def validate(c, num_devices: int = None) -> None:
   if c.model.attention not in ATTENTION_KINDS:
     raise ConfigError(f"Unknown model.attention {c.model.attention!r}; choose one of "
                       f"{ATTENTION_KINDS}.")
+  kernel = kernels.resolve(c.model.attention, platform or jax.default_backend())
+  needs = {"splash": "tpu", "pallas_gpu": "gpu"}.get(kernel)
+  if needs and needs != (platform or jax.default_backend()):
+    raise ConfigError(f"model.attention={c.model.attention!r} is a {needs.upper()} kernel; this "
+                      f"run compiles for {platform or jax.default_backend()}: use 'auto', "
+                      f"'chunked' or 'dense'.")
   if c.model.attention_block < 1:
     raise ConfigError(f"model.attention_block must be >= 1, got {c.model.attention_block}.")
   if c.model.logits_chunk < 0:

@@ -77,13 +77,14 @@ def find_model_dir(path: str, override: str = None) -> str:
                             f"(a directory with the model's config.json).") from None
 
 
-def model_config(c, model_dir: str = None):
+def model_config(c, model_dir: str = None, platform: str = "tpu"):
+  """The model's config as a run on `platform` ("tpu", or the local devices') builds it."""
   dtype, compute = c.model.dtype, c.model.compute_dtype or c.model.dtype
   if c.model.path:
     return models.load_config(find_model_dir(c.model.path, model_dir), param_dtype=dtype,
-                              dtype=compute, **policy.compute_options(c))
+                              dtype=compute, **policy.compute_options(c, platform))
   return demo.tiny_model_config(DEMO_VOCAB).replace(param_dtype=dtype, dtype=compute,
-                                                    **policy.compute_options(c))
+                                                    **policy.compute_options(c, platform))
 
 
 def check_mesh(c, topo) -> tuple:
@@ -179,8 +180,8 @@ def suggest(r, c, facts, topo, mesh_shape) -> str:
   if r["step"].startswith(("update", "logprob", "values")):
     if c.model.remat != "full":
       tips.append("model.remat=full")
-    if c.model.attention != "chunked":
-      tips.append("model.attention=chunked")
+    if c.model.attention == "dense":  # chunked, splash and auto keep no [T, T] scores
+      tips.append("model.attention=auto")
     if not c.model.logits_chunk and r["step"] != "values":
       tips.append("model.logits_chunk=1024")
     micro = c.rl.micro_batch_size or c.rl.minibatch_size or facts["geometry"]["rows"]
@@ -246,7 +247,7 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
   topo = hardware.get(name)
   mesh_shape = check_mesh(c, topo)
   try:
-    config_validation.validate(c, len(topo.devices))
+    config_validation.validate(c, len(topo.devices), platform=topo.devices[0].platform)
   except ConfigError as e:
     rows = mesh_shape[0] * mesh_shape[1]
     if "divisible by the data×fsdp mesh size" in str(e) and c.rl.micro_batch_size:
@@ -257,7 +258,7 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
           f"--config.mesh_shape=\"(1,{math.gcd(rows, c.rl.micro_batch_size)},-1)\"."
       ) from None
     raise
-  model_cfg = model_config(c, model_dir)
+  model_cfg = model_config(c, model_dir, topo.devices[0].platform)
   mesh = sharding.make_mesh(mesh_shape, devices=topo.devices)
   capacity, cap_what = cap = _capacity(topo)
   if c.rl.micro_batch_size == "auto":   # what mars.train would choose on this slice

@@ -75,7 +75,10 @@ def test_tiny_config_validates():
     (dict(eval=dict(attempt_end="first")), "Unknown eval.attempt_end 'first'"),
     (dict(train=dict(grader_boxes="first")), "Unknown train.grader_boxes 'first'"),
     (dict(model=dict(dtype="bfloat16")), "model.dtype='bfloat16' stores the trained params"),
-    (dict(model=dict(attention="flash")), r"Unknown model.attention 'flash'; choose one of \('dense', 'chunked'\)"),
+    (dict(model=dict(attention="flash")), r"Unknown model.attention 'flash'; choose one of \('dense', 'chunked', 'splash', "
+                                        r"'pallas_gpu', 'auto'\)"),
+    (dict(model=dict(attention="splash")), r"model.attention='splash' is a TPU kernel; this run "
+                                           r"compiles for cpu: use 'auto', 'chunked' or 'dense'."),
     (dict(model=dict(remat="partial")), r"Unknown model.remat 'partial'; choose one of \('none', 'full', 'dots'\)"),
     (dict(model=dict(logits_chunk=-1)), r"model.logits_chunk must be >= 0 \(0 = unchunked\), got -1"),
     (dict(sampling=dict(kv_tokens=-5)), r"sampling.kv_tokens must be an int >= 0 \(0: enough for"),

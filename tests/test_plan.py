@@ -182,12 +182,12 @@ def test_micro_batch_size_takes_auto_or_a_count_from_the_command_line():
 
 def test_update_that_does_not_fit_suggests_the_memory_options():
   """The demo's update planned at 4096 prompts a step on the local devices: over
-  the host's memory, the verdict names remat, chunked attention and logits."""
+  the host's memory, the verdict names remat, flash attention (auto) and logits."""
   out = _cli(f"--config={CONFIGS / 'tiny.py'}", "--topology=local", "--steps=update",
              "--config.data.prompts_per_step=4096", "--config.rl.minibatch_size=0",
              "--config.episode.budget=4000")
   assert out.returncode == 1, out.stderr[-2000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("update: ")][-1]
   assert line.startswith("update: does not fit: needs "), line
-  for tip in ("model.remat=full", "model.attention=chunked", "model.logits_chunk=1024"):
+  for tip in ("model.remat=full", "model.attention=auto", "model.logits_chunk=1024"):
     assert tip in line, line

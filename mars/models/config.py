@@ -6,7 +6,7 @@ from typing import Optional
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_KINDS = ("dense", "chunked")
+ATTENTION_KINDS = ("dense", "chunked", "splash", "pallas_gpu", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,9 @@ class ModelConfig:
   remat: str = "none"
   # The full-sequence forward's attention (ATTENTION_KINDS): "dense" scores the
   # whole [T, T] matrix; "chunked" is flash attention in XLA (models/flash.py):
-  # [block, block] scores at a time, causal blocks skipped, its own backward.
+  # [block, block] scores at a time, causal blocks skipped, its own backward;
+  # "splash" (TPU) and "pallas_gpu" (GPU) are Pallas kernels (models/kernels.py);
+  # "auto" picks by backend (kernels.resolve).
   attention: str = "dense"
   attention_block: int = 512
   # Positions per chunk of the lm_head + log-softmax in full-sequence logprobs

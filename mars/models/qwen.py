@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mars import sharding
-from mars.models import flash
+from mars.models import flash, kernels
 from mars.models import rope as rope_lib
 from mars.models.config import ATTENTION_KINDS, REMAT_POLICIES, ModelConfig
 
@@ -251,10 +251,14 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
   if positions is None:
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), -1) - 1, 0)
   T = tokens.shape[1]
-  if cfg.attention == "chunked":
+  kind = kernels.resolve(cfg.attention)
+  if kind in kernels.KERNELS:
+    attend = lambda q, k, v: kernels.attend(kind, q, k, v, attention_mask, segment_ids,
+                                            block=cfg.attention_block)
+  elif kind == "chunked":
     attend = lambda q, k, v: flash.flash_attention(q, k, v, attention_mask, cfg.attention_block,
                                                    segment_ids)
-  elif cfg.attention == "dense":
+  elif kind == "dense":
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & attention_mask[:, None, :]
     if segment_ids is not None:
       mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])

@@ -123,8 +123,11 @@ def attention_flops(cfg, rows: int, q_len: int, kv_len: int, causal_blocks: int 
 
 
 def forward_flops(cfg, rows: int, T: int, lm_head: bool = True) -> float:
-  """The full-sequence forward (update, logprob recompute) with the config's attention."""
-  block = cfg.attention_block if cfg.attention == "chunked" else 0
+  """The full-sequence forward (update, logprob recompute) with the config's attention:
+  chunked and the kernels (splash's causal mask is block-sparse) skip the blocks
+  above the diagonal."""
+  block = {"chunked": cfg.attention_block, "splash": cfg.attention_block,
+           "pallas_gpu": min(cfg.attention_block, 128)}.get(cfg.attention, 0)
   return 2.0 * matmul_params(cfg, lm_head) * rows * T + attention_flops(cfg, rows, T, T, block)
 
 

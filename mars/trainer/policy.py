@@ -14,15 +14,19 @@ import numpy as np
 
 from mars import data as data_lib
 from mars import demo, distributed, models, rewards, sft
+from mars.models import kernels
 from mars import tokenizer as tok_lib
 from mars.config_validation import ConfigError
 
 
-def compute_options(config) -> dict:
+def compute_options(config, platform: Optional[str] = None) -> dict:
   """The ModelConfig fields a run's config chooses besides dtypes: how the
   full-sequence forward is computed (remat policy, attention kind and block,
-  logits chunk)."""
-  return dict(remat=config.model.remat, attention=config.model.attention,
+  logits chunk). model.attention="auto" is resolved here, for `platform` (the
+  run's devices by default; mars.plan passes the topology's)."""
+  platform = platform or jax.devices()[0].platform
+  return dict(remat=config.model.remat,
+              attention=kernels.resolve(config.model.attention, platform),
               attention_block=config.model.attention_block,
               logits_chunk=config.model.logits_chunk)
 

@@ -1,0 +1,165 @@
+"""Pallas attention kernels for the full-sequence forward (update and log-prob passes).
+
+`model.attention` picks the implementation (mars/models/qwen.py calls `attend`):
+  splash      TPU: jax.experimental.pallas.ops.tpu.splash_attention (Mosaic),
+              causal mask + segment ids, GQA native, fused custom backward.
+  pallas_gpu  GPU: jax.experimental.pallas.ops.gpu.attention.mha (Triton flash),
+              causal + segment ids; K/V heads repeated for GQA.
+  auto        splash on TPU; chunked (flash attention in XLA, models/flash.py)
+              elsewhere. GPU stays on chunked until pallas_gpu has run on a GPU:
+              here it is checked in interpret mode only (no GPU was lent), and a
+              Triton kernel that fails to compile would stop a run that chunked
+              serves; set model.attention=pallas_gpu to use it.
+Both kernels run on CPU in Pallas interpret mode (`interpret=True`), which is how
+tests/test_attention_kernels.py checks them against the dense and chunked XLA
+attention (forward and gradients) without the hardware.
+
+Padding and packing are one mechanism for both kernels: segment ids. Unpacked
+rows use the attention mask as the id (1 real, 0 padding), packed rows their
+own (1, 2, ... per sequence, 0 on empty slots). A real query then sees exactly
+the keys the dense mask lets it see; a padding query sees earlier padding keys
+(at least itself, so its output is finite; it is never read).
+"""
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mars import sharding
+
+KERNELS = ("splash", "pallas_gpu")
+# The id of the positions added to reach a multiple of the block: no real
+# query shares it, and such a query sees only these keys.
+_PAD_SEGMENT = -1
+
+
+_interpret = False
+
+
+@contextlib.contextmanager
+def interpret_mode():
+  """Inside, the kernels trace in Pallas interpret mode (any backend, slow): how
+  tests run a whole model on them on CPU. Programs traced inside keep it."""
+  global _interpret
+  before, _interpret = _interpret, True
+  try:
+    yield
+  finally:
+    _interpret = before
+
+
+def resolve(kind: str, platform: str | None = None) -> str:
+  """`auto` -> the kernel for `platform` (default: JAX's default backend); other kinds as given."""
+  if kind != "auto":
+    return kind
+  platform = platform or jax.default_backend()
+  return "splash" if platform == "tpu" else "chunked"
+
+
+def _segments(attention_mask, segment_ids):
+  if segment_ids is not None:
+    return segment_ids.astype(jnp.int32)
+  return attention_mask.astype(jnp.int32)
+
+
+def _pad_length(x, length, value=0):
+  pad = length - x.shape[1]
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _block_for(T: int, block: int, minimum: int) -> tuple[int, int]:
+  """(block, padded T): the block is a multiple of `minimum` (the kernels' tiling)
+  no larger than needed, and T is padded to a multiple of it."""
+  block = max(minimum, min(block, -(-T // minimum) * minimum))
+  block = -(-block // minimum) * minimum
+  return block, -(-T // block) * block
+
+
+# ----------------------------------------------------------------------------
+# TPU: splash attention.
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
+  """The kernel for one example (vmapped over the batch): causal, per q head."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(num_heads)])
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  # Its mask tables become device arrays: concrete even when first built inside a
+  # trace, so the cached kernel can serve later traces.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+def splash_attention(q, k, v, segments, *, block: int = 512, interpret: bool = False):
+  """q [B, T, H, hd], k/v [B, T, KVH, hd], segments [B, T] int -> [B, T, H, hd]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  B, T, H, hd = q.shape
+  block, Tp = _block_for(T, block, 128)
+  kernel = _splash_kernel(H, Tp, block, interpret)
+  seg = _pad_length(segments, Tp, _PAD_SEGMENT)
+  # The kernel does not scale the scores; heads-major layout [B, H, T, hd].
+  qh = jnp.moveaxis(_pad_length(q * jnp.asarray(hd ** -0.5, q.dtype), Tp), 2, 1)
+  kh = jnp.moveaxis(_pad_length(k, Tp), 2, 1)
+  vh = jnp.moveaxis(_pad_length(v, Tp), 2, 1)
+  out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(
+      qh, kh, vh, seg)
+  return jnp.moveaxis(out, 1, 2)[:, :T].astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------
+# GPU: the Pallas (Triton) flash attention.
+
+def gpu_flash_attention(q, k, v, segments, *, block: int = 128, interpret: bool = False):
+  """q [B, T, H, hd], k/v [B, T, KVH, hd], segments [B, T] int -> [B, T, H, hd]."""
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+  B, T, H, hd = q.shape
+  block, Tp = _block_for(T, min(block, 128), 16)
+  groups = H // k.shape[2]
+  # The kernel has one K/V head per q head: repeat (q head h reads kv head h // groups).
+  k = jnp.repeat(k, groups, axis=2) if groups > 1 else k
+  v = jnp.repeat(v, groups, axis=2) if groups > 1 else v
+  sizes = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=block,
+                                   block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
+  out = gpu_attention.mha(_pad_length(q, Tp), _pad_length(k, Tp), _pad_length(v, Tp),
+                          _pad_length(segments, Tp, _PAD_SEGMENT), sm_scale=hd ** -0.5,
+                          causal=True, block_sizes=sizes, interpret=interpret)
+  return out[:, :T].astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------
+# The interface.
+
+def attend(kind: str, q, k, v, attention_mask, segment_ids=None, *, block: int = 512,
+           interpret: bool | None = None):
+  """Causal attention of a full sequence with `kind` in KERNELS; padding and
+  packing as in qwen.forward. Under a mesh the kernel runs per device
+  (shard_map: rows over the batch axes, heads over the tensor axis).
+  `interpret`: None follows `interpret_mode`."""
+  interpret = _interpret if interpret is None else interpret
+  segments = _segments(attention_mask, segment_ids)
+  if kind == "splash":
+    fn = functools.partial(splash_attention, block=block, interpret=interpret)
+  elif kind == "pallas_gpu":
+    fn = functools.partial(gpu_flash_attention, block=block, interpret=interpret)
+  else:
+    raise ValueError(f"unknown attention kernel {kind!r}; choose one of {KERNELS}.")
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return fn(q, k, v, segments)
+  batch = sharding.LOGICAL_RULES["batch"]
+  tensor = sharding.LOGICAL_RULES["kv_heads"]
+  # GQA groups stay whole on a device only if kv heads split over the tensor axis.
+  heads = tensor if k.shape[2] % sharding.mesh_axis_size(mesh, tensor) == 0 else None
+  qkv = PartitionSpec(batch, None, heads, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)),
+                       out_specs=qkv, check_vma=False)(q, k, v, segments)
