@@ -7,7 +7,6 @@ import math
 import jax
 
 from mars.episodes.attempts import ATTEMPT_ENDS
-from mars.models import kernels
 from mars.models.config import ATTENTION_KINDS, REMAT_POLICIES
 from mars.rewards import BOXES
 
@@ -32,8 +31,8 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
   if c.model.attention not in ATTENTION_KINDS:
     raise ConfigError(f"Unknown model.attention {c.model.attention!r}; choose one of "
                       f"{ATTENTION_KINDS}.")
-  kernel = kernels.resolve(c.model.attention, platform or jax.default_backend())
-  needs = {"splash": "tpu", "pallas_gpu": "gpu"}.get(kernel)
+  # An explicit kernel must match the backend ("auto" resolves to one that does).
+  needs = {"splash": "tpu", "pallas_gpu": "gpu"}.get(c.model.attention)
   if needs and needs != (platform or jax.default_backend()):
     raise ConfigError(f"model.attention={c.model.attention!r} is a {needs.upper()} kernel; this "
                       f"run compiles for {platform or jax.default_backend()}: use 'auto', "
