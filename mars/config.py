@@ -77,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.sampling.max_slots = 0        # rows decoded at once (0 = every row of the rollout)
   c.sampling.decode_chunk = 256   # decode steps per device call before the host refills
   c.sampling.prefill_chunk = 512  # tokens per row per prefill/extend call (chunked prefill)
+  # Decode attention (models/kernels.py): "xla" scores the rows' gathered pages up
+  # to the table width; the Pallas kernels "paged_tpu" / "paged_gpu" read each row's
+  # live pages only; "auto" = paged_tpu on TPU, xla elsewhere.
+  c.sampling.decode_attention = "auto"
 
   c.episode = ml_collections.ConfigDict()
   c.episode.kind = "single_turn"  # single_turn | multi_attempt

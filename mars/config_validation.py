@@ -156,6 +156,10 @@ def _validate_sampling(c) -> None:
     if field in s and (not isinstance(s[field], int) or s[field] < 0):
       raise ConfigError(f"sampling.{field} must be an int >= 0 (0: enough for every row), got "
                         f"{s[field]!r}.")
+  kinds = ("xla", "paged_tpu", "paged_gpu", "auto")  # mars.models.kernels.DECODE_KINDS
+  if "decode_attention" in s and s.decode_attention not in kinds:
+    raise ConfigError(f"Unknown sampling.decode_attention {s.decode_attention!r}; choose one of "
+                      f"{kinds}.")
 
 
 def _validate_offpolicy(c) -> None:

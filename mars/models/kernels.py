@@ -22,6 +22,7 @@ the keys the dense mask lets it see; a padding query sees earlier padding keys
 """
 import contextlib
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -134,6 +135,65 @@ def gpu_flash_attention(q, k, v, segments, *, block: int = 128, interpret: bool 
                           _pad_length(segments, Tp, _PAD_SEGMENT), sm_scale=hd ** -0.5,
                           causal=True, block_sizes=sizes, interpret=interpret)
   return out[:, :T].astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Decode: one query token per row over its live pages (the rollout engine).
+
+DECODE_KINDS = ("xla", "paged_tpu", "paged_gpu", "auto")
+
+
+def resolve_decode(kind: str, platform: str | None = None) -> str:
+  """`auto` -> the TPU Pallas paged-attention kernel on TPU, the XLA attention elsewhere
+  (GPU: paged_gpu is opt-in until it has run on a GPU, as for the update's kernel)."""
+  if kind != "auto":
+    return kind
+  return "paged_tpu" if (platform or jax.default_backend()) == "tpu" else "xla"
+
+
+def _paged_decode_local(kind, q, work_k, work_v, lengths, page_size, interpret):
+  """q [R, H, hd]; work_k/v [KVH, R, S, hd] (S = M pages of `page_size`); lengths [R]."""
+  K, R, S, hd = work_k.shape
+  M = S // page_size
+  pages = lambda w: w.reshape(K, R * M, page_size, hd)   # row r owns pages r·M .. r·M + M - 1
+  indices = (jnp.arange(R)[:, None] * M + jnp.arange(M)[None, :]).astype(jnp.int32)
+  q = q * jnp.asarray(hd ** -0.5, q.dtype)              # neither kernel scales the scores
+  if kind == "paged_tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention_kernel as tpa
+    # Pages per compute block: a divisor of M, ~128 keys a block.
+    block = math.gcd(M, max(1, 128 // page_size))
+    ctx = pltpu.force_tpu_interpret_mode() if interpret else contextlib.nullcontext()
+    with ctx:
+      return tpa.paged_attention(q, pages(work_k), pages(work_v), lengths, indices,
+                                 pages_per_compute_block=block)
+  if kind == "paged_gpu":
+    from jax.experimental.pallas.ops.gpu import paged_attention as gpa
+    block = min(M, 8)
+    return gpa.paged_attention(q, pages(work_k), pages(work_v), indices, lengths,
+                               pages_per_compute_block=block, k_splits=max(1, min(16, M // block)),
+                               block_h=16, interpret=interpret)
+  raise ValueError(f"unknown decode attention {kind!r}; choose one of {DECODE_KINDS}.")
+
+
+def paged_decode_attention(kind: str, q, work_k, work_v, lengths, page_size: int, *,
+                           interpret: bool | None = None):
+  """Attention of one new token per row (q [R, H, hd], already in the cache) over the
+  row's first `lengths` keys of the working cache work_k/v [KVH, R, S, hd], reading
+  only live pages. Returns [R, H, hd]. Under a mesh: per device (shard_map; rows over
+  the batch axes, kv heads over the tensor axis), page ids local to the device."""
+  interpret = _interpret if interpret is None else interpret
+  fn = functools.partial(_paged_decode_local, kind, page_size=page_size, interpret=interpret)
+  mesh = sharding.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return fn(q, work_k, work_v, lengths)
+  batch = sharding.LOGICAL_RULES["batch"]
+  tensor = sharding.LOGICAL_RULES["kv_heads"]
+  heads = tensor if work_k.shape[0] % sharding.mesh_axis_size(mesh, tensor) == 0 else None
+  work = PartitionSpec(heads, batch, None, None)
+  qs = PartitionSpec(batch, heads, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, work, work, PartitionSpec(batch)),
+                       out_specs=qs, check_vma=False)(q, work_k, work_v, lengths)
 
 
 # ----------------------------------------------------------------------------

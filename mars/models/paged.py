@@ -174,20 +174,25 @@ def forward(cfg: ModelConfig, params, pool: KVPool, tokens, feed_len, cached, ta
 # Decode on a dense working copy of the rows' pages.
 #
 # A decode call runs K steps over fixed rows and page tables, so it gathers
-# the rows' pages once into a dense [L, R, KVH, M·p, hd] working cache, decodes
+# the rows' pages once into a dense [L, KVH, R, M·p, hd] working cache, decodes
 # on it with direct reads and one-slot writes (the per-step cost of a static
 # cache of the live length, not of the longest possible sequence), and
-# scatters the pages back at the end. The XLA reference pays the gather once
-# per call instead of once per step and layer; a paged-attention kernel (TPU
-# Pallas) would read the pool in place.
+# scatters the pages back at the end. The XLA attention pays the gather once
+# per call instead of once per step and layer, and scores every slot up to the
+# table width; the Pallas paged-attention kernels (sampling.decode_attention,
+# models/kernels.py) read one layer of the working cache as pages and stop at
+# each row's length. Reading the pool itself in place (no working copy) would
+# need the pool in the kernels' [KVH, pages, p, hd] layout: not done.
 
 def gather_rows(pool: KVPool, tables):
-  """Pool → working cache [L, R, KVH, M·p, hd] of the rows' pages, in token order."""
+  """Pool → working cache [L, KVH, R, M·p, hd] of the rows' pages, in token order.
+  Heads first: one layer's [KVH, R·M, p, hd] is also the page layout the paged
+  decode kernels read (row r's pages are r·M .. r·M + M − 1), with no copy."""
   def gather(pool_k, pool_v, tables):
     def one(x):
       g = x[:, tables]  # [L, R, M, KVH, p, hd]
       L, R, M, K, p, hd = g.shape
-      return g.transpose(0, 1, 3, 2, 4, 5).reshape(L, R, K, M * p, hd)
+      return g.transpose(0, 3, 1, 2, 4, 5).reshape(L, K, R, M * p, hd)
     return one(pool_k), one(pool_v)
   mesh = sharding.current_mesh()
   specs = _work_specs(mesh, pool.k.shape[2])
@@ -200,9 +205,9 @@ def scatter_rows(pool: KVPool, work_k, work_v, tables) -> KVPool:
   unchanged, contents; padding rows write the trash page)."""
   def scatter(pool_k, pool_v, work_k, work_v, tables):
     def one(x, w):
-      L, R, K, S, hd = w.shape
+      L, K, R, S, hd = w.shape
       M = tables.shape[1]
-      w = w.reshape(L, R, K, M, S // M, hd).transpose(0, 1, 3, 2, 4, 5)  # [L, R, M, K, p, hd]
+      w = w.reshape(L, K, R, M, S // M, hd).transpose(0, 2, 3, 1, 4, 5)  # [L, R, M, K, p, hd]
       return x.at[:, tables].set(w.astype(x.dtype))
     return one(pool_k, work_k), one(pool_v, work_v)
   mesh = sharding.current_mesh()
@@ -220,20 +225,26 @@ def _work_specs(mesh, num_kv_heads: int):
   batch, tensor = sharding.LOGICAL_RULES["batch"], sharding.LOGICAL_RULES["kv_heads"]
   heads = tensor if num_kv_heads % sharding.mesh_axis_size(mesh, tensor) == 0 else None
   return dict(pool=PartitionSpec(None, batch, heads, None, None),
-              work=PartitionSpec(None, batch, heads, None, None),
+              work=PartitionSpec(None, heads, batch, None, None),
               tables=PartitionSpec(batch, None))
 
 
 def work_axes():
-  return ("layers", "batch", "kv_heads", None, "head_dim")
+  return ("layers", "kv_heads", "batch", None, "head_dim")
 
 
-def decode_step(cfg: ModelConfig, params, work_k, work_v, tokens, active, cached):
+def decode_step(cfg: ModelConfig, params, work_k, work_v, tokens, active, cached,
+                attention: str = "xla", page_size: int = 0):
   """One token per row ([R] ids at position `cached`) on the working cache.
 
   Returns (logits [R, V], work_k, work_v) with the token's K/V written at slot
-  `cached` of active rows.
+  `cached` of active rows. `attention` (kernels.DECODE_KINDS, resolved): "xla"
+  scores every slot of the working cache, masked past `cached`; a paged kernel
+  reads only each row's live pages (of `page_size` tokens).
   """
+  if attention != "xla":
+    return _decode_step_paged(cfg, params, work_k, work_v, tokens, active, cached, attention,
+                              page_size)
   R = tokens.shape[0]
   S = work_k.shape[3]
   positions = cached[:, None]
@@ -247,15 +258,48 @@ def decode_step(cfg: ModelConfig, params, work_k, work_v, tokens, active, cached
     k, v = k.astype(work_k.dtype), v.astype(work_v.dtype)
     out = qwen.attention(q, k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg,
                          cached=(work_k[i].astype(q.dtype), work_v[i].astype(q.dtype), cache_mask),
-                         cached_layout="bksd")
+                         cached_layout="kbsd")
     return qwen.layer_out(cfg, lp, h, out), (k[:, 0], v[:, 0])
 
   h, (new_k, new_v) = jax.lax.scan(layer, qwen.embed(cfg, params, tokens[:, None]),
                                    (params["layers"], jnp.arange(cfg.num_layers)))
   rows = jnp.arange(R)
   slot = jnp.where(active, cached, S - 1)  # inactive rows rewrite their last slot with itself
-  keep = lambda w, new: jnp.where(active[None, :, None, None], new, w[:, rows, :, slot].transpose(
-      1, 0, 2, 3))
-  put = lambda w, new: w.at[:, rows, :, slot].set(keep(w, new).transpose(1, 0, 2, 3))
+  # w[:, :, rows, slot] is [L, KVH, R, hd]; new_k / new_v are [L, R, KVH, hd].
+  keep = lambda w, new: jnp.where(active[None, None, :, None], new.transpose(0, 2, 1, 3),
+                                  w[:, :, rows, slot])
+  put = lambda w, new: w.at[:, :, rows, slot].set(keep(w, new))
   logits = qwen.final(cfg, params, h, return_hidden=False)[:, 0].astype(jnp.float32)
   return logits, put(work_k, new_k), put(work_v, new_v)
+
+
+def _decode_step_paged(cfg: ModelConfig, params, work_k, work_v, tokens, active, cached, kind,
+                       page_size):
+  """decode_step with a paged decode kernel (models/kernels.py): each layer writes the
+  token's K/V into its slot first, then attends over the row's live pages only
+  (lengths cached + 1; one layer's working cache read as [KVH, R·M, p, hd] pages)."""
+  from mars.models import kernels  # pylint: disable=g-import-not-at-top
+  R, S = work_k.shape[2], work_k.shape[3]
+  rows = jnp.arange(R)
+  slot = jnp.where(active, cached, S - 1)  # inactive rows rewrite their last slot with itself
+  lengths = jnp.maximum(cached + active, 1).astype(jnp.int32)
+  positions = cached[:, None]
+
+  def write(w, i, new):  # new [R, 1, KVH, hd] -> w[i, :, rows, slot], indexed as [R, KVH, hd]
+    value = jnp.where(active[:, None, None], new[:, 0].astype(w.dtype), w[i, :, rows, slot])
+    return w.at[i, :, rows, slot].set(value)
+
+  def layer(carry, xs):
+    h, wk, wv = carry
+    lp, i = xs
+    x = qwen.rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+    q, k, v = qwen.layer_qkv(cfg, lp, x, positions)
+    wk, wv = write(wk, i, k), write(wv, i, v)
+    out = kernels.paged_decode_attention(kind, q[:, 0], wk[i], wv[i], lengths, page_size)
+    return (qwen.layer_out(cfg, lp, h, out[:, None].astype(h.dtype)), wk, wv), None
+
+  (h, work_k, work_v), _ = jax.lax.scan(
+      layer, (qwen.embed(cfg, params, tokens[:, None]), work_k, work_v),
+      (params["layers"], jnp.arange(cfg.num_layers)))
+  logits = qwen.final(cfg, params, h, return_hidden=False)[:, 0].astype(jnp.float32)
+  return logits, work_k, work_v

@@ -65,11 +65,12 @@ def extend_and_sample(cfg: ModelConfig, params, pool, rows: Rows, key, stop_ids,
 
 
 def decode_loop(cfg: ModelConfig, params, pool, rows: Rows, key, min_active, stop_ids, sampling,
-                *, num_steps: int):
+                *, num_steps: int, attention: str = "xla"):
   """Up to `num_steps` decode steps; row r samples at most rows.steps[r] tokens.
 
   The rows' pages are gathered once into a dense working cache, decoded on,
-  and scattered back (models/paged.py explains why).
+  and scattered back (models/paged.py explains why). `attention`: the decode
+  attention (models/kernels.DECODE_KINDS, resolved).
   """
   R = rows.tokens.shape[0]
   out = lambda dt: jnp.zeros((R, num_steps), dt)
@@ -86,7 +87,8 @@ def decode_loop(cfg: ModelConfig, params, pool, rows: Rows, key, min_active, sto
   def body(c):
     active = c["active"]
     logits, work_k, work_v = paged.decode_step(cfg, params, c["work_k"], c["work_v"], c["tok"],
-                                               active, c["cached"])
+                                               active, c["cached"], attention,
+                                               pool.page_size)
     cached = c["cached"] + active
     tok, logp, sampler_logp = _sample(logits, key, rows.seq_ids, cached, sampling)
     num_generated = c["num_generated"] + active

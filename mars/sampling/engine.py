@@ -35,7 +35,7 @@ import numpy as np
 from mars import distributed
 from mars import models
 from mars import sharding
-from mars.models import paged
+from mars.models import kernels, paged
 from mars.models import qwen
 from mars.models.config import ModelConfig
 from mars.sampling import decode
@@ -74,7 +74,8 @@ def pool_shardings(cfg: ModelConfig, mesh, page_size: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _program(cfg: ModelConfig, stop_ids: tuple, mesh, page_size: int, kind: str, num_steps: int):
+def _program(cfg: ModelConfig, stop_ids: tuple, mesh, page_size: int, kind: str, num_steps: int,
+             decode_attention: str = "xla"):
   """jit of one extend (kind="extend") or decode-loop program; see Sampler.program."""
   stop = np.asarray(stop_ids, np.int32)
 
@@ -88,7 +89,7 @@ def _program(cfg: ModelConfig, stop_ids: tuple, mesh, page_size: int, kind: str,
                   f"steps={num_steps}")
     with sharding.use_mesh(mesh):
       return decode.decode_loop(cfg, params, pool, rows, rng, min_active, jnp.asarray(stop),
-                                sampling, num_steps=num_steps)
+                                sampling, num_steps=num_steps, attention=decode_attention)
 
   fn = extend if kind == "extend" else loop
   if mesh is None:
@@ -123,7 +124,8 @@ class Sampler(Scheduler):
 
   def __init__(self, cfg: ModelConfig, stop_ids: Sequence[int] = (), pad_id: int = 0,
                mesh=None, queue_len: int = 64, *, page_size: int = 16, kv_tokens: int = 0,
-               max_slots: int = 0, decode_chunk: int = 256, prefill_chunk: int = 512):
+               max_slots: int = 0, decode_chunk: int = 256, prefill_chunk: int = 512,
+               decode_attention: str = "xla"):
     for name, value in (("page_size", page_size), ("decode_chunk", decode_chunk),
                         ("prefill_chunk", prefill_chunk)):
       if int(value) < 1:
@@ -138,6 +140,12 @@ class Sampler(Scheduler):
     self.queue_len = queue_len
     self.page_size, self.kv_tokens, self.max_slots = int(page_size), int(kv_tokens), int(max_slots)
     self.decode_chunk, self.prefill_chunk = int(decode_chunk), int(prefill_chunk)
+    if decode_attention not in kernels.DECODE_KINDS:
+      raise ValueError(f"Sampler: unknown decode_attention {decode_attention!r}; choose one of "
+                       f"{kernels.DECODE_KINDS}.")
+    # "auto" for the devices the programs compile for (the mesh's, else the default).
+    platform = (mesh.devices.flat[0].platform if mesh is not None else jax.default_backend())
+    self.decode_attention = kernels.resolve_decode(decode_attention, platform)
     self._param_shardings = models.param_shardings(cfg, mesh) if mesh is not None else None
     self._totals = {}
     self.last_stats = {}  # the last rollout's preemptions, device calls, peak pages
@@ -164,7 +172,8 @@ class Sampler(Scheduler):
     """The jitted extend / decode program (shared by every Sampler of this model,
     stop ids, mesh and page size in the process: a second engine, e.g. the
     evaluator's or a resumed run's, reuses the compiled programs)."""
-    return _program(self.cfg, self.stop_ids, self.mesh, self.page_size, kind, num_steps)
+    return _program(self.cfg, self.stop_ids, self.mesh, self.page_size, kind, num_steps,
+                    self.decode_attention if kind != "extend" else "xla")
 
   def rollout_params(self, params):
     """The params the sampler reads: a copy in the model's compute dtype.

@@ -20,7 +20,10 @@ SAMPLER_FIELDS = ("kv_tokens", "page_size", "max_slots", "decode_chunk", "prefil
 def sampler_kwargs(config) -> dict:
   """config.sampling as Sampler keyword arguments (defaults where a config lacks it)."""
   section = config.get("sampling", None) or {}
-  return {k: int(section[k]) for k in SAMPLER_FIELDS if k in section}
+  out = {k: int(section[k]) for k in SAMPLER_FIELDS if k in section}
+  if "decode_attention" in section:
+    out["decode_attention"] = str(section["decode_attention"])
+  return out
 
 
 def make_sampler(config, model_cfg, tokenizer, mesh, **overrides):
