@@ -184,16 +184,26 @@ def paged_decode_attention(kind: str, q, work_k, work_v, lengths, page_size: int
   the batch axes, kv heads over the tensor axis), page ids local to the device."""
   interpret = _interpret if interpret is None else interpret
   fn = functools.partial(_paged_decode_local, kind, page_size=page_size, interpret=interpret)
+
+  def specs(batch, heads):
+    work, qs = PartitionSpec(heads, batch, None, None), PartitionSpec(batch, heads, None)
+    return (qs, work, work, PartitionSpec(batch)), qs
+  return _per_device(fn, work_k.shape[0], specs, q, work_k, work_v, lengths)
+
+
+def _per_device(fn, num_kv_heads: int, specs, *args):
+  """fn(*args); under a mesh, per device (shard_map): `specs(batch, heads)` gives the
+  (in, out) PartitionSpecs from the mesh axes of rows and of kv heads. GQA groups stay
+  whole on a device only if the kv heads split over the tensor axis, else heads stay
+  unsplit."""
   mesh = sharding.current_mesh()
   if mesh is None or mesh.size == 1:
-    return fn(q, work_k, work_v, lengths)
-  batch = sharding.LOGICAL_RULES["batch"]
+    return fn(*args)
   tensor = sharding.LOGICAL_RULES["kv_heads"]
-  heads = tensor if work_k.shape[0] % sharding.mesh_axis_size(mesh, tensor) == 0 else None
-  work = PartitionSpec(heads, batch, None, None)
-  qs = PartitionSpec(batch, heads, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, work, work, PartitionSpec(batch)),
-                       out_specs=qs, check_vma=False)(q, work_k, work_v, lengths)
+  heads = tensor if num_kv_heads % sharding.mesh_axis_size(mesh, tensor) == 0 else None
+  in_specs, out_specs = specs(sharding.LOGICAL_RULES["batch"], heads)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -213,13 +223,7 @@ def attend(kind: str, q, k, v, attention_mask, segment_ids=None, *, block: int =
     fn = functools.partial(gpu_flash_attention, block=block, interpret=interpret)
   else:
     raise ValueError(f"unknown attention kernel {kind!r}; choose one of {KERNELS}.")
-  mesh = sharding.current_mesh()
-  if mesh is None or mesh.size == 1:
-    return fn(q, k, v, segments)
-  batch = sharding.LOGICAL_RULES["batch"]
-  tensor = sharding.LOGICAL_RULES["kv_heads"]
-  # GQA groups stay whole on a device only if kv heads split over the tensor axis.
-  heads = tensor if k.shape[2] % sharding.mesh_axis_size(mesh, tensor) == 0 else None
-  qkv = PartitionSpec(batch, None, heads, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(batch, None)),
-                       out_specs=qkv, check_vma=False)(q, k, v, segments)
+  def specs(batch, heads):
+    qkv = PartitionSpec(batch, None, heads, None)
+    return (qkv, qkv, qkv, PartitionSpec(batch, None)), qkv
+  return _per_device(fn, k.shape[2], specs, q, k, v, segments)
