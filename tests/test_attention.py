@@ -79,6 +79,37 @@ def test_chunked_packed_matches_dense_per_sequence(H, KVH):
   assert all(np.all(g[seg == 0] == 0) for g in grads_c)   # empty slots get no gradient
 
 
+def test_chunked_skips_key_blocks_no_query_sees():
+  """Segment-aware block skipping: with packed 16-token sequences and 8-token blocks, query
+  block i starts at key block 2*(i//2) (its sequence's start), and with 20 tokens of left
+  padding in every row at key block 2; outputs and gradients still equal dense attention
+  per sequence / on the padded batch (fp32, 1e-5)."""
+  seg = np.repeat(np.arange(1, 5), 16)[None].repeat(2, 0).astype(np.int32)   # [2, 64]
+  lo = np.asarray(flash._first_key_blocks(jnp.asarray(seg), 8, True, 8))
+  np.testing.assert_array_equal(lo, [0, 0, 2, 2, 4, 4, 6, 6])
+  q, k, v, _, weights = _inputs(2, 64, 4, 2, 8)
+  chunked = lambda q, k, v, m: flash.flash_attention(q, k, v, m, 8, segment_ids=jnp.asarray(seg))
+  out_c, grads_c = _value_and_grads(chunked, q, k, v, seg > 0, weights)
+  for start in range(0, 64, 16):
+    sl = (slice(0, 2), slice(start, start + 16))
+    out_d, grads_d = _value_and_grads(_dense, *[x[sl] for x in (q, k, v)], np.ones((2, 16), bool),
+                                      weights[sl])
+    np.testing.assert_allclose(out_c[sl], out_d, atol=1e-5, rtol=1e-5)
+    for gc, gd in zip(grads_c, grads_d):
+      np.testing.assert_allclose(gc[sl], gd, atol=1e-5, rtol=1e-5)
+  key_mask = np.ones((2, 64), bool)
+  key_mask[:, :20] = False
+  lo = np.asarray(flash._first_key_blocks(jnp.asarray(key_mask), 8, False, 8))
+  np.testing.assert_array_equal(lo, [0, 1, 2, 2, 2, 2, 2, 2])
+  weights = weights * key_mask[:, :, None, None]
+  out_d, grads_d = _value_and_grads(_dense, q, k, v, key_mask, weights)
+  out_c, grads_c = _value_and_grads(lambda q, k, v, m: flash.flash_attention(q, k, v, m, 8),
+                                    q, k, v, key_mask, weights)
+  np.testing.assert_allclose(out_c[key_mask], out_d[key_mask], atol=1e-5, rtol=1e-5)
+  for gc, gd in zip(grads_c, grads_d):
+    np.testing.assert_allclose(gc, gd, atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_bf16_is_no_worse_than_dense_bf16():
   """bf16 tolerance, stated as a comparison: against the fp32 dense result,
   chunked bf16's largest error is within 1.5x (+ 1 bf16 ulp at 1) of dense bf16's."""

@@ -8,7 +8,9 @@ update step's memory. Here the forward keeps one [bq, bk] block of scores at a
 time and saves only the output and the per-query log-sum-exp; the backward
 recomputes each block's probabilities from them (custom_vjp). Key blocks
 wholly above the causal diagonal are skipped, in both passes, so a causal
-forward does about half the dense FLOPs.
+forward does about half the dense FLOPs; so are key blocks before the first
+key any query of the block sees (its packed sequence's start, or the row's
+first real token), which on packed rows of short sequences is most of them.
 
 With `segment_ids` (packed rows, mars/rl/seq_pack.py) a query attends only to
 keys of its own segment, so several sequences share one row without seeing
@@ -69,9 +71,33 @@ def _scores(qi, kj, mask_j, i, j, block, scale, seg_i=None):
   return jnp.where(valid, s, -_BIG), valid
 
 
+def _first_key_blocks(key_mask, block, packed, n):
+  """lo [n]: no query of block i sees a key before block lo[i] (lo[i] <= i; lo is
+  non-decreasing). A query sees keys from the start of its segment (packed) or from
+  its row's first real token (padded rows); queries that see nothing (empty slots,
+  left padding) set no bound. Key blocks below lo are all masked, so skipping them
+  changes nothing but the work; with many short packed sequences most are skipped."""
+  B, T = key_mask.shape
+  t = jnp.arange(T)
+  if packed:
+    seg = key_mask
+    boundary = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(boundary, t[None, :], 0), axis=1)
+    sees = seg > 0
+  else:
+    first = jnp.argmax(key_mask, axis=1)
+    start = jnp.broadcast_to(first[:, None], (B, T))
+    sees = (t[None, :] >= first[:, None]) & key_mask.any(axis=1, keepdims=True)
+  start = jnp.where(sees, start, T)
+  start = _pad_to(start, n * block, value=T).reshape(B, n, block)
+  lo = jnp.min(start, axis=(0, 2)) // block
+  return jnp.minimum(lo, jnp.arange(n))
+
+
 def _forward(q, k, v, key_mask, block, packed):
   B, T, H, hd = q.shape
   scale = hd ** -0.5
+  lo = _first_key_blocks(key_mask, block, packed, -(-T // block))
   qb, kb, vb, mb, n = _layout(q, k, v, key_mask, block)
 
   def one_query_block(args):
@@ -92,8 +118,9 @@ def _forward(q, k, v, key_mask, block, packed):
     stats = qi.shape[0], qi.shape[2], qi.shape[3], block
     init = (jnp.full(stats, -_BIG, jnp.float32), jnp.zeros(stats, jnp.float32),
             jnp.zeros(stats + (hd,), jnp.float32))
-    # Key blocks 0..i: the ones at or below the diagonal (same block size).
-    m, l, acc = jax.lax.fori_loop(0, i + 1, body, init)
+    # Key blocks lo[i]..i: at or below the diagonal (same block size), from the first
+    # one a query of the block can see.
+    m, l, acc = jax.lax.fori_loop(lo[i], i + 1, body, init)
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     # A query that sees no key (padding before the first real token): lse=+BIG
     # makes its recomputed probabilities 0 in the backward.
@@ -137,6 +164,9 @@ def _bwd(block, packed, res, dout):
   block = min(block, T)
   scale = hd ** -0.5
   qb, kb, vb, mb, n = _layout(q, k, v, key_mask, block)
+  lo = _first_key_blocks(key_mask, block, packed, n)
+  # Query blocks that see key block j: j .. hi[j] (lo is non-decreasing).
+  hi = jnp.sum(lo[None, :] <= jnp.arange(n)[:, None], axis=1) - 1
   # D_t = sum_d dout·out: the softmax backward's row term, [n, B, KVH, G, bq].
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = _pad_to(delta, n * block).reshape(B, n, block, kvh, G)
@@ -154,7 +184,7 @@ def _bwd(block, packed, res, dout):
     def body(j, dq):
       _, ds = probs(i, j)
       return dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kb[j].astype(jnp.float32)) * scale
-    return jax.lax.fori_loop(0, i + 1, body, jnp.zeros(qb.shape[1:], jnp.float32))
+    return jax.lax.fori_loop(lo[i], i + 1, body, jnp.zeros(qb.shape[1:], jnp.float32))
 
   def dkv_block(j):
     def body(i, carry):
@@ -164,7 +194,7 @@ def _bwd(block, packed, res, dout):
       dk = dk + jnp.einsum("bkgqs,bqkgd->bskd", ds, qb[i].astype(jnp.float32)) * scale
       return dk, dv
     zeros = jnp.zeros(kb.shape[1:], jnp.float32)
-    return jax.lax.fori_loop(j, n, body, (zeros, zeros))   # query blocks at or below
+    return jax.lax.fori_loop(j, hi[j] + 1, body, (zeros, zeros))   # query blocks that see j
 
   dq = jax.lax.map(dq_block, jnp.arange(n))
   dk, dv = jax.lax.map(dkv_block, jnp.arange(n))
