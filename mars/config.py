@@ -65,6 +65,13 @@ def default_config() -> ml_collections.ConfigDict:
   # policy; rollout_correction then corrects for the stale sampler). > 1 would
   # need partial rollouts (a rollout spanning updates), which mars lacks.
   c.rollout.staleness = 0
+  # With staleness 1, the last `devices` devices form a rollout group (a mesh of
+  # rollout.mesh_shape) that samples step t+1 while the others (mesh_shape) run
+  # step t's update, as verl's one-step-off mode splits its GPUs; the new params
+  # are copied across once per step. 0 = rollout and update share every device
+  # and interleave. One process only (a multi-host run shares its devices).
+  c.rollout.devices = 0
+  c.rollout.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) over the rollout group
 
   # The rollout engine (mars/sampling/engine.py): a paged KV cache with continuous
   # batching. kv_tokens sizes the page pool (KV memory) in tokens over all

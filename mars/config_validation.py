@@ -122,21 +122,20 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
   micro = micro or mb
   if mb % micro:
     raise ConfigError(f"rl.minibatch_size={mb} is not divisible by rl.micro_batch_size={micro}.")
+  split = _rollout_devices(c, num_devices)
   if num_devices is not None:
-    shape = list(c.mesh_shape)
-    if -1 in shape:
-      known = math.prod(s for s in shape if s != -1)
-      if num_devices % known:
-        raise ConfigError(f"mesh_shape {tuple(shape)} does not divide {num_devices} devices.")
-      shape[shape.index(-1)] = num_devices // known
-    if math.prod(shape) != num_devices:
-      raise ConfigError(f"mesh_shape {tuple(c.mesh_shape)} needs {math.prod(shape)} devices; "
-                        f"{num_devices} are available.")
+    shape = _resolve_mesh(c.mesh_shape, num_devices - split, "mesh_shape")
     data = shape[0] * shape[1]
     for what, n in (("prompts_per_step", c.data.prompts_per_step), ("micro-batch", micro)):
       if n % data:
         raise ConfigError(f"{what}={n} is not divisible by the data×fsdp mesh size {data} "
                           f"(mesh_shape {tuple(shape)}).")
+    if split:
+      shape = _resolve_mesh(c.rollout.mesh_shape, split, "rollout.mesh_shape")
+      if c.data.prompts_per_step % (shape[0] * shape[1]):
+        raise ConfigError(f"prompts_per_step={c.data.prompts_per_step} is not divisible by the "
+                          f"rollout group's data×fsdp size {shape[0] * shape[1]} "
+                          f"(rollout.mesh_shape {tuple(shape)}).")
   if c.train.grader_boxes not in BOXES:
     raise ConfigError(f"Unknown train.grader_boxes {c.train.grader_boxes!r}; choose one of "
                       f"{BOXES}.")
@@ -145,6 +144,37 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
   if c.train.steps < 1:
     raise ConfigError(f"train.steps must be >= 1, got {c.train.steps}.")
   _validate_sampling(c)
+
+
+
+def _rollout_devices(c, num_devices: int = None) -> int:
+  """rollout.devices, checked: devices split off for the rollout group (0: none)."""
+  split = c.rollout.devices
+  if isinstance(split, bool) or not isinstance(split, int) or split < 0:
+    raise ConfigError(f"rollout.devices must be a device count >= 0 (0: rollout and update "
+                      f"share every device), got {split!r}.")
+  if split and c.rollout.staleness != 1:
+    raise ConfigError(f"rollout.devices={split} splits off a rollout group for one-step-off "
+                      f"rollouts: set rollout.staleness=1 (a synchronous rollout would leave "
+                      f"the group idle through every update).")
+  if num_devices is not None and split >= num_devices:
+    raise ConfigError(f"rollout.devices={split} leaves no device for the update "
+                      f"({num_devices} available).")
+  return split
+
+
+def _resolve_mesh(mesh_shape, num_devices: int, name: str) -> list:
+  """`mesh_shape` with its -1 resolved over `num_devices` devices."""
+  shape = list(mesh_shape)
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+      raise ConfigError(f"{name} {tuple(shape)} does not divide {num_devices} devices.")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ConfigError(f"{name} {tuple(mesh_shape)} needs {math.prod(shape)} devices; "
+                      f"{num_devices} are available.")
+  return shape
 
 
 def _validate_sampling(c) -> None:

@@ -30,7 +30,7 @@ from mars import demo, hardware, models, sharding
 from mars.config_validation import ConfigError
 from mars.models import UnsupportedConfigError
 from mars.sharding import ShardingError
-from mars.trainer import auto_micro_batch, plan_steps, policy
+from mars.trainer import auto_micro_batch, plan_steps, policy, specs
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -88,8 +88,9 @@ def model_config(c, model_dir: str = None, platform: str = "tpu"):
 
 
 def check_mesh(c, topo) -> tuple:
-  """The config's mesh on the topology's devices, or a PlanError naming the axis."""
-  shape, n = list(c.mesh_shape), len(topo.devices)
+  """The config's (trainer) mesh on the topology's devices (less a split run's
+  rollout group), or a PlanError naming the axis."""
+  shape, n = list(c.mesh_shape), len(topo.devices) - c.rollout.devices
   names = ("data", "fsdp", "tensor")
   for axis, size in zip(names, shape):
     if size != -1 and n % size:
@@ -259,13 +260,13 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
       ) from None
     raise
   model_cfg = model_config(c, model_dir, topo.devices[0].platform)
-  mesh = sharding.make_mesh(mesh_shape, devices=topo.devices)
+  mesh, rollout_mesh = specs.make_meshes(c, topo.devices)
   capacity, cap_what = cap = _capacity(topo)
   if c.rl.micro_batch_size == "auto":   # what mars.train would choose on this slice
     c = copy.deepcopy(c)
     c.rl.micro_batch_size = auto_micro_batch.resolve(c, model_cfg, mesh, capacity, prompt_len)
     log(f"{topo.name}: rl.micro_batch_size=auto -> {c.rl.micro_batch_size}")
-  built, facts = plan_steps.build(c, model_cfg, mesh, prompt_len)
+  built, facts = plan_steps.build(c, model_cfg, mesh, prompt_len, rollout_mesh=rollout_mesh)
   unknown = set(steps or ()) - {s.name.split("+")[0] for s in built} - {"values"}
   if unknown:
     raise PlanError(f"unknown step(s) {sorted(unknown)}; steps: update, logprob, values, "
@@ -281,6 +282,7 @@ def _plan_topology(c, name, prompt_len, model_dir, steps, log) -> dict:
   out = dict(topology=topo.name, effort=jax.config.jax_exec_time_optimization_effort,
              devices=len(topo.devices), chips=topo.num_chips,
              hosts=topo.num_hosts, mesh=dict(zip(("data", "fsdp", "tensor"), mesh_shape)),
+             rollout_mesh=(dict(rollout_mesh.shape) if rollout_mesh is not mesh else None),
              chip=(topo.chip.__dict__ if topo.chip else None), capacity=capacity,
              capacity_source=cap_what, facts=facts, steps=results)
   log(format_table(out))
@@ -294,6 +296,8 @@ def format_table(p) -> str:
           f"per chip" if chip else
           f"{p['capacity_source']} {p['capacity'] / GIB:.1f} GiB per device")
   mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
+  if p.get("rollout_mesh"):  # a split run: prefill and decode are on the rollout group's devices
+    mesh += " + rollout group " + " ".join(f"{k}={v}" for k, v in p["rollout_mesh"].items())
   lines = [f"== {p['topology']}: {p['devices']} devices on {p['chips']} chips, {p['hosts']} "
            f"host(s), mesh {mesh} ({head})",
            "per device, GiB:                 params  optim  kv  temps other  total  %cap | "

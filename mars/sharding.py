@@ -8,6 +8,7 @@ the parallelism strategy.
 import contextlib
 import logging
 import math
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -39,7 +40,15 @@ class ShardingError(ValueError):
   """A shape that cannot be laid out on the mesh."""
 
 
-_CURRENT_MESH: list = []
+# Per thread: a split run's rollout thread traces its programs under the rollout
+# mesh while the main thread traces the update under the trainer's.
+_CURRENT_MESH = threading.local()
+
+
+def _mesh_stack() -> list:
+  if not hasattr(_CURRENT_MESH, "stack"):
+    _CURRENT_MESH.stack = []
+  return _CURRENT_MESH.stack
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
@@ -129,15 +138,16 @@ def check_heads(num_heads: int, mesh: Mesh):
 @contextlib.contextmanager
 def use_mesh(mesh: Optional[Mesh]):
   """Activation sharding constraints inside this context use `mesh`."""
-  _CURRENT_MESH.append(mesh)
+  _mesh_stack().append(mesh)
   try:
     yield mesh
   finally:
-    _CURRENT_MESH.pop()
+    _mesh_stack().pop()
 
 
 def current_mesh() -> Optional[Mesh]:
-  return _CURRENT_MESH[-1] if _CURRENT_MESH else None
+  stack = _mesh_stack()
+  return stack[-1] if stack else None
 
 
 def constrain(x, logical_axes):

@@ -362,6 +362,22 @@ def test_bad_offpolicy_config_is_one_error_line(overrides, match):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (dict(rollout__devices=4), "set rollout.staleness=1"),
+    (dict(rollout__devices=-1, rollout__staleness=1), "device count >= 0"),
+    (dict(rollout__devices=8, rollout__staleness=1), "leaves no device for the update"),
+    (dict(rollout__devices=4, rollout__staleness=1, rollout__mesh_shape=(2, 1, 1)),
+     r"rollout.mesh_shape \(2, 1, 1\) needs 2 devices; 4 are available"),
+    (dict(rollout__devices=3, rollout__staleness=1), "data×fsdp mesh size 5"),
+])
+def test_bad_device_split_is_one_error_line(overrides, match):
+  """rollout.devices (a split rollout group) on 8 devices."""
+  c = _cfg(recompute_old_logp=True, **overrides)
+  with pytest.raises(config_validation.ConfigError, match=match) as e:
+    config_validation.validate(c, num_devices=8)
+  assert "\n" not in str(e.value)
+
+
 def test_meaningful_combinations_validate():
   for rl in (dict(rollout_correction="tis"), dict(rollout_correction="mis",
                                                    rollout_correction_level="sequence"),
@@ -372,6 +388,8 @@ def test_meaningful_combinations_validate():
              dict(loss="cispo", rollout_correction="tis"),
              dict(rollout__staleness=1, rollout_correction="tis")):
     config_validation.validate(_cfg(**rl))
+  config_validation.validate(_cfg(rollout__staleness=1, rollout__devices=4,
+                                  rollout_correction="tis"), num_devices=8)
 
 
 # ----------------------------------------------------------------------------

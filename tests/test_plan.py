@@ -191,3 +191,23 @@ def test_update_that_does_not_fit_suggests_the_memory_options():
   assert line.startswith("update: does not fit: needs "), line
   for tip in ("model.remat=full", "model.attention=auto", "model.logits_chunk=1024"):
     assert tip in line, line
+
+
+def test_split_rollout_group_plans_the_sampler_on_its_own_devices():
+  """rollout.devices=4 of 8: the update compiles on the trainer's 4 (fsdp), the
+  decode on the rollout group's 4 (data), which hold the sampler's params copy and
+  the KV pool but none of the train state."""
+  c = tiny()
+  c.rollout.staleness, c.rl.recompute_old_logp, c.rollout.devices = 1, True, 4
+  p = plan.plan_topology(c, "local", steps=("update", "decode"), log=lambda s: None)
+  assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert p["rollout_mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  update, decode = p["steps"]
+  model_cfg = plan.model_config(c)
+  devices = jax.devices()
+  assert update["params"] == expected_param_bytes(model_cfg, sharding.make_mesh((1, 4, 1),
+                                                                                devices[:4]))
+  # Replicated over the group's data axis: the whole compute copy on each device.
+  assert decode["params"] == model_cfg.num_params() * jnp.dtype(model_cfg.dtype).itemsize
+  assert decode.get("optimizer", 0) == 0 and decode["kv_cache"] > 0
+  assert "rollout group data=4" in plan.format_table(p)

@@ -18,8 +18,8 @@ SMALL = ["--config.data.prompts_per_step=8", "--config.rollout.group_size=4",
 VOLATILE = ("time/", "compile_count")
 
 
-def _train(workdir, *extra, wait=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+def _train(workdir, *extra, wait=True, devices=1):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "-m", "mars.train", f"--workdir={workdir}", *SMALL, *extra]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -169,6 +169,9 @@ MODES = {
     "lte_multi_attempt": dict(lte=dict(enabled=True)),
     # PPO's old_logp taken from the sampler: no recompute pass, no mismatch metric.
     "sampler_old_logp": dict(rl=dict(recompute_old_logp=False)),
+    # One-step-off, LTE's rescore on a split rollout group (4 of the 8 devices).
+    "lte_split_devices": dict(lte=dict(enabled=True),
+                              rollout=dict(staleness=1, devices=4)),
     "dapo": dict(algorithm="dapo", episode=dict(kind="single_turn"),
                  rl=dict(eps_high=0.28, dynamic_sampling=True, max_resample_rounds=1,
                          overlong_buffer=4)),
@@ -196,15 +199,19 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
   expected = {"ppo_multi_attempt": ["critic_loss", "kl_loss", "success@1"],
               "lte_single_turn": ["lte/all_fail_frac", "lte/hint_success_rate"],
               "lte_multi_attempt": ["lte/all_fail_frac", "success@1"],
+              "lte_split_devices": ["lte/all_fail_frac", "async/version_lag"],
               "dapo": ["dapo/kept_groups", "dapo/overlong_penalty_mean"],
               "sampler_old_logp": ["success@1"]}[mode]
   for key in expected:
     assert key in last, (key, sorted(last))
   if mode == "sampler_old_logp":
     assert "logp_mismatch/on_policy_max" not in last
-  else:  # the sampler's logprob equals the trainer's recompute (what makes the mode sound)
+  elif not c.rollout.staleness:  # the sampler's logprob equals the trainer's recompute
+    # (what makes the mode sound; a one-step-off sampler is one update behind)
     assert last["logp_mismatch/on_policy_max"] < 1e-3, last["logp_mismatch/on_policy_max"]
     assert 0 <= last["logp_mismatch/on_policy_mean"] <= last["logp_mismatch/on_policy_max"]
+  if mode == "lte_split_devices":
+    assert last["async/version_lag"] == 1
   if mode.startswith("lte"):  # hinted rows' behaviour logp rescored by the trainer
     assert last["logp_mismatch/hinted_max"] < 1e-3, last
 
@@ -218,12 +225,18 @@ ASYNC = ["--config.rollout.staleness=1", "--config.rl.recompute_old_logp=True",
 def test_one_step_off_resume_is_exact_and_lags_are_one(tmp_path):
   """rollout.staleness=1: lag 0 on the first step (nothing older), exactly 1 after;
   the stale sampler shows in ρ; a run stopped after step 3 resumes with the saved
-  in-flight rollout to the same metrics and params as a straight run."""
+  in-flight rollout to the same metrics and params as a straight run.
+
+  The stopped run splits its 2 devices (rollout.devices=1: the rollout samples on
+  its own device, in a thread beside the update): on one device each, the
+  split changes no number, so its metrics and params equal the one-mesh run's.
+  """
   straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  split = ("--config.rollout.devices=1",)
   _train(straight, *ASYNC)
-  _train(stopped, *ASYNC, "--max_steps=3")
+  _train(stopped, *ASYNC, *split, "--max_steps=3", devices=2)
   assert os.path.exists(os.path.join(stopped, "inflight", "3.p0.pkl"))
-  _train(stopped, *ASYNC)
+  _train(stopped, *ASYNC, *split, devices=2)
   a, b = _metrics(straight), _metrics(stopped)
   assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
   assert a == b

@@ -182,8 +182,10 @@ class Sampler(Scheduler):
     bf16 copy made once per rollout phase (call this once, pass the result to
     every start/run/generate of the phase) rather than casting fp32 weights
     on every decode step. Params already in the compute dtype come back as they are.
+    Cast where they are, then placed: half the bytes cross to the sampler's
+    layout (or to a split run's rollout devices).
     """
-    return qwen.cast_params(self._place_params(params), self.cfg.dtype)
+    return self._place_params(qwen.cast_params(params, self.cfg.dtype))
 
   def _place_params(self, params):
     if self._param_shardings is None:

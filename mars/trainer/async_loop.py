@@ -2,14 +2,20 @@
 mode, AReaL and PipelineRL.
 
 The batch trained at step t was sampled with the params of step t−1, while step
-t−1's update ran. Here, on one device (or one mesh), the two interleave: each
-iteration prepares step t's batch (old_logp recomputed with θ_t), samples step
-t+1's rollouts with θ_t, then updates θ_t → θ_{t+1} on step t's batch. Nothing of
-step t+1's rollout depends on step t's update, so on a mesh split into a rollout
-group and a trainer group the two would run at once (not implemented here; see
-docs/offpolicy.md for the overlap model from measured times). Step 0 trains on a
-rollout of θ_0 itself (there is no older policy): its version lag is 0, every
-later step's is exactly 1 (`async/version_lag`, and `batch.policy_version`).
+t−1's update ran. Each iteration prepares step t's batch (old_logp recomputed
+with θ_t), samples step t+1's rollouts with θ_t, and updates θ_t → θ_{t+1} on
+step t's batch. Nothing of step t+1's rollout depends on step t's update, so:
+  one mesh          (rollout.devices = 0) the two interleave: the rollout runs,
+                    then the update.
+  split devices     (rollout.devices = k) the last k devices are the rollout
+                    group. θ_t's compute-dtype copy is sent across, then the
+                    rollout runs in a host thread on the group while the update
+                    runs on the trainer's devices; the step waits for both. The
+                    same rows are sampled either way (same params, keys and
+                    prompts); only the rollout's mesh differs.
+Step 0 trains on a rollout of θ_0 itself (there is no older policy): its version
+lag is 0, every later step's is exactly 1 (`async/version_lag`, and
+`batch.policy_version`).
 
 Off-policy denominators, per row (docs/offpolicy.md):
   on-policy rows   the PPO/GSPO/CISPO ratio is π_θ / π_{θ_t} (old_logp: the trainer's
@@ -35,6 +41,7 @@ of the restored params: that step's lag is 0, and a warning says so.
 import logging
 import os
 import pickle
+import threading
 import time
 
 import jax
@@ -74,12 +81,39 @@ def load_inflight(run, step: int):
     return pickle.load(f)
 
 
-def _sample(run, step: int, version: int):
+def _sample(run, step: int, version: int, rollout_params=None):
   """(result, version, seconds): step `step`'s rollout with the current params, which
   have been trained `version` steps (θ_version)."""
   t0 = time.perf_counter()
-  result = rollout_phase.sample_rollout(run, step)
+  result = rollout_phase.sample_rollout(run, step, rollout_params)
   return result, version, time.perf_counter() - t0
+
+
+def _start_sample(run, step: int, version: int, out: dict):
+  """Starts step `step`'s rollout on the rollout group in a host thread; returns the
+  wait: it joins the thread, stores (result, version, seconds) in out["inflight"]
+  and returns the seconds (or raises what the rollout raised)."""
+  # The copy crosses to the rollout group now, before the update donates θ_t.
+  params = jax.block_until_ready(run.sampler.rollout_params(run.state.params))
+  box = {}
+
+  def work():
+    try:
+      box["inflight"] = _sample(run, step, version, params)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised by wait)
+      box["error"] = e
+
+  thread = threading.Thread(target=work, name=f"rollout-{step}", daemon=True)
+  thread.start()
+
+  def wait() -> float:
+    thread.join()
+    if "error" in box:
+      raise box["error"]
+    out["inflight"] = box["inflight"]
+    return box["inflight"][2]
+
+  return wait
 
 
 def train_loop(run, adv_fn, end: int, *, maybe_eval, is_checkpoint_step) -> dict:
@@ -102,8 +136,12 @@ def train_loop(run, adv_fn, end: int, *, maybe_eval, is_checkpoint_step) -> dict
     nxt = {}
 
     def sample_next(step=step):
-      if step + 1 < c.train.steps:
-        nxt["inflight"] = _sample(run, step + 1, step)  # θ_step, before its update
+      if step + 1 >= c.train.steps:
+        return None
+      if rollout_phase.is_split(run):  # runs beside the update; it waits for it
+        return _start_sample(run, step + 1, step, nxt)
+      nxt["inflight"] = _sample(run, step + 1, step)  # θ_step, before its update
+      return None
 
     metrics = update_phase.update_on_rollout(run, step, adv_fn, result, rollout_s,
                                           version=version, before_update=sample_next)

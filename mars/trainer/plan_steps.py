@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from mars import sharding
+from mars import models, sharding
 from mars.batch import RolloutBatch
 from mars.episodes import multi_attempt, packing
 from mars.models import qwen
@@ -164,10 +164,13 @@ def geometry(c, prompt_len: int) -> Geometry:
 # ----------------------------------------------------------------------------
 # The steps.
 
-def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> tuple:
+def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None,
+          rollout_mesh=None) -> tuple:
   """(steps, facts) for config `c` on `mesh`; facts are per-device byte counts.
   `only`: build just these steps (names as in the plan: update, logprob, values,
-  prefill, decode)."""
+  prefill, decode). `rollout_mesh`: a split run's rollout group (rollout.devices),
+  where the prefill and decode compile, holding only the sampler's params copy
+  and the KV pool; default `mesh`."""
   want = lambda name: only is None or name in only
   ndev = mesh.size
   tensor = sharding.mesh_axis_size(mesh, "tensor")
@@ -273,6 +276,15 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
   # The sampler (mars/sampling/engine.py): the page pool, a prefill (extend) call over
   # the prompts, and the decode loop at the rows and table width it runs when the
   # pool is full.
+  sampler_resident = train_state + f["ref"]
+  sampler_named = dict(params=f["params"] + f["critic"] + f["ref"] + f["rollout_params"],
+                       optimizer=f["optimizer"])
+  if rollout_mesh is not None and rollout_mesh is not mesh:  # its own devices
+    mesh, ndev, tensor = rollout_mesh, rollout_mesh.size, sharding.mesh_axis_size(rollout_mesh, "tensor")
+    rollout_params = _abstract(rollout_params, models.param_shardings(model_cfg, mesh))
+    f["rollout_params"] = device_bytes(rollout_params)
+    sampler_resident, sampler_named = 0, dict(params=f["rollout_params"])
+    two, one = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   P, S, B, n = geo.prompt_len, geo.cache_len, geo.prompts, geo.n
   sharding.check_batch(B, mesh, "prompt batch")
   sharding.check_batch(B * n, mesh, "rollout batch (prompts × n)")
@@ -296,9 +308,10 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
     return decode_lib.Rows(tokens=m(width), feed_len=v, cached=v, tables=m(table), seq_ids=v,
                            num_generated=v, max_new=v, max_len=v, steps=v)
 
-  sampler_resident = train_state + f["ref"]
-  sampler_named = dict(params=f["params"] + f["critic"] + f["ref"] + f["rollout_params"],
-                       optimizer=f["optimizer"], kv_cache=kv)
+  sampler_named["kv_cache"] = kv
+  # Weight bytes one device reads per sampler forward: the whole compute copy, over tensor.
+  weights_read = sum(x.size * jnp.dtype(x.dtype).itemsize
+                     for x in jax.tree.leaves(rollout_params)) / tensor
   C = min(scheduler.bucket(P, min(16, sampler.prefill_chunk)), sampler.prefill_chunk)
   Rg = min(scheduler.bucket(-(-B // G)), sampler.extend_rows_cap(C))
   M = sampler.table_width(S, -(-P // p))
@@ -309,7 +322,7 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
   steps.append(Step(
       "prefill", sampler.program("extend"), prefill_args, {},
       named=sampler_named, resident=sampler_resident, flops=prefill_flops / ndev,
-      hbm_bytes=full_w(f["rollout_params"]) + kv_token * Rg * C, loop_trips=L,
+      hbm_bytes=weights_read + kv_token * Rg * C, loop_trips=L,
       out_bytes=0, shape=f"{Rg * G} prompts × {C} tokens (of {P}), pool {pages * G} pages × {p}"))
   # Decode: every slot's row as long as the pool allows (its table width), capped
   # like the engine caps it (gathered pages ≤ 2 × the pool).
@@ -321,7 +334,7 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None) -> 
   decode_args = (rollout_params, pool, rows_spec(Rd * G, 1, Md), _sds(key.shape, key.dtype, rep),
                  sampling_args, _sds((), jnp.int32, rep))
   live = min(Rd * Md * p, (pages - 1) * p)  # tokens a full pool holds for these rows
-  ideal = full_w(f["rollout_params"]) + kv_token * live
+  ideal = weights_read + kv_token * live
   steps.append(Step(
       "decode", sampler.program("decode", K), decode_args, {}, named=sampler_named,
       resident=sampler_resident,

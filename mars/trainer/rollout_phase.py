@@ -2,6 +2,7 @@
 dynamic sampling and overlong shaping, as host rows (an EpisodeResult, not yet packed)."""
 import dataclasses
 import functools
+import math
 
 import jax
 import ml_collections
@@ -21,8 +22,11 @@ def rollout(run: Run, problems, key, params):
   compute-dtype copy of the policy (Sampler.rollout_params), made once per step."""
   c = run.config
   common = dict(key=key, grade_fn=run.grade_fn)
+  # A split run rescores on its rollout group, with the sampler's copy: the update
+  # is consuming (donating) the trainer's params meanwhile.
+  on_group = dict(params=params, mesh=run.rollout_mesh) if is_split(run) else {}
   lte_common = dict(group_offset=local_prompts(run, len(problems)).start,
-                    rescore_fn=(functools.partial(rescore_responses, run)
+                    rescore_fn=(functools.partial(rescore_responses, run, **on_group)
                                 if c.rl.recompute_old_logp else None))
   if c.episode.kind == "multi_attempt":
     cfg = mars_config.multi_attempt_config(c)
@@ -48,7 +52,12 @@ def rollout(run: Run, problems, key, params):
                              cfg=c.rollout, **common)
 
 
-def rescore_responses(run: Run, rows) -> list:
+def is_split(run: Run) -> bool:
+  """Whether rollouts run on their own device group (rollout.devices > 0)."""
+  return run.rollout_mesh is not run.mesh
+
+
+def rescore_responses(run: Run, rows, params=None, mesh=None) -> list:
   """The trainer's logp of each row's response under the row's own prompt.
 
   Used for LTE's behaviour logp: the same forward (fp32 masters, compute
@@ -56,15 +65,22 @@ def rescore_responses(run: Run, rows) -> list:
   numerator and denominator share their numerics. Collective in a multi-host
   run: every process calls it with its own rows (possibly none); the rows are
   padded to one shape and a row count that the micro-batch and mesh divide.
+  params, mesh: the trainer's by default; a split run passes the sampler's
+  compute-dtype copy on the rollout group, which scores as the masters do (the
+  forward casts every weight to the compute dtype before using it).
   """
   c = run.config
+  params = run.state.params if params is None else params
+  mesh = run.mesh if mesh is None else mesh
   n_local, P, R = distributed.agree_max(len(rows), max([len(r.prompt) for r in rows] or [1]),
                                         max([len(r.response) for r in rows] or [1]))
   if n_local == 0:
     return []
   processes = run.pipeline.process_count
-  shard = max(c.rl.micro_batch_size or 1,
-              sharding.batch_shards(run.mesh))
+  micro = c.rl.micro_batch_size or None
+  if micro:  # whole mesh shards per micro-batch (the trainer's mesh always divides it)
+    micro = math.lcm(micro, sharding.batch_shards(mesh))
+  shard = max(micro or 1, sharding.batch_shards(mesh))
   shard = -(-shard // processes)  # rows per process in one micro-batch (or mesh shard)
   padded = -(-n_local // shard) * shard
   filler = packing.Row(prompt=[run.tokenizer.pad_id], response=[run.tokenizer.pad_id],
@@ -72,13 +88,12 @@ def rescore_responses(run: Run, rows) -> list:
   host = packing.pack(list(rows) + [filler] * (padded - len(rows)), run.tokenizer.pad_id,
                       prompt_len=P, total_len=packing.total_length(P, R))
   batch = jax.tree.map(distributed.global_array_from_local, host,
-                       step_lib.batch_shardings(run.mesh))
-  micro = c.rl.micro_batch_size or None
+                       step_lib.batch_shardings(mesh))
   micro = micro if micro and batch.tokens.shape[0] % micro == 0 else None
-  pack = (micro_lib.plan_packing(batch.attention_mask, micro, run.mesh, c.rl.pack_length)[0]
+  pack = (micro_lib.plan_packing(batch.attention_mask, micro, mesh, c.rl.pack_length)[0]
           if c.rl.packing else None)
-  logp = micro_lib.compute_logprobs(run.model_cfg, run.state.params, batch,
-                                   micro_batch_size=micro, mesh=run.mesh, pack=pack)
+  logp = micro_lib.compute_logprobs(run.model_cfg, params, batch,
+                                   micro_batch_size=micro, mesh=mesh, pack=pack)
   local = distributed.host_local(logp)
   return [local[i, P:P + len(r.response)] for i, r in enumerate(rows)]
 
@@ -100,12 +115,14 @@ def lte_cfg(run: Run, episode: str):
   return cfg
 
 
-def sample_rollout(run: Run, step: int):
+def sample_rollout(run: Run, step: int, rollout_params=None):
   """Step `step`'s rollouts (prompts, episodes, dynamic sampling, shaping),
-  sampled with the current params: an EpisodeResult on the host."""
+  sampled with the current params (or `rollout_params`, the sampler's copy of
+  them made by the caller): an EpisodeResult on the host."""
   k_roll, _ = jax.random.split(jax.random.fold_in(run.base_key, step))
   problems = run.pipeline.next_batch()
-  rollout_params = run.sampler.rollout_params(run.state.params)
+  if rollout_params is None:
+    rollout_params = run.sampler.rollout_params(run.state.params)
   result = rollout(run, problems, k_roll, rollout_params)
   result = maybe_dynamic_sampling(run, result, k_roll, rollout_params)
   del rollout_params  # the bf16 copy is not kept through the update

@@ -24,6 +24,7 @@ class Run:
   config: object
   workdir: str
   mesh: object
+  rollout_mesh: object          # `mesh` itself unless rollout.devices splits off a group
   tokenizer: object
   model_cfg: object
   sampler: object
@@ -62,12 +63,17 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
     logging.getLogger().setLevel(logging.WARNING)
   config_validation.validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(tuple(config.mesh_shape))
+  if config.rollout.devices and jax.process_count() > 1:
+    raise config_validation.ConfigError(
+        f"rollout.devices={config.rollout.devices} splits one process's devices; a "
+        f"{jax.process_count()}-process run shares every device (rollout.devices=0).")
+  mesh, rollout_mesh = specs.make_meshes(config)
   pipeline = data_lib.PromptPipeline(
       policy.make_source(config), config.data.prompts_per_step, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   tokenizer, model_cfg, params, from_hf = policy.load_policy(config, workdir, mesh)
   sharding.check_heads(model_cfg.num_heads, mesh)
+  sharding.check_heads(model_cfg.num_heads, rollout_mesh)
   if config.rl.micro_batch_size == "auto":
     # Resolved once, before anything reads it; config.json records the choice.
     capacity, _ = plan_steps.local_capacity(jax.local_devices()[0])
@@ -110,7 +116,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
   close_grader = lambda: None
   if grade_fn is None:
     grade_fn, close_grader = policy.make_grade_fn(config)
-  sampler = specs.make_sampler(config, model_cfg, tokenizer, mesh)
+  sampler = specs.make_sampler(config, model_cfg, tokenizer, rollout_mesh)
   train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(config), policy_opt, critic_opt,
                                         mesh, state_sh)
 
@@ -119,7 +125,8 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
     writer.close()
     close_grader()
 
-  return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer, model_cfg=model_cfg,
+  return Run(config=config, workdir=workdir, mesh=mesh, rollout_mesh=rollout_mesh,
+             tokenizer=tokenizer, model_cfg=model_cfg,
              sampler=sampler, state=state, ref_params=ref, state_shardings=state_sh,
              train_step=train_step, pipeline=pipeline, grade_fn=grade_fn, base_key=base_key,
              start_step=start_step, writer=writer, ckpt=ckpt, close=close)

@@ -5,7 +5,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from mars import models
+from mars import models, sharding
 from mars.rl import critic as critic_lib
 from mars.rl import optim
 from mars.rl import step as step_lib
@@ -24,6 +24,19 @@ def sampler_kwargs(config) -> dict:
   if "decode_attention" in section:
     out["decode_attention"] = str(section["decode_attention"])
   return out
+
+
+def make_meshes(config, devices=None) -> tuple:
+  """(trainer mesh, rollout mesh): one mesh over every device, or with
+  rollout.devices > 0 the last that many as the rollout group (its own mesh of
+  rollout.mesh_shape) and the rest as the trainer's."""
+  devices = list(devices if devices is not None else jax.devices())
+  split = config.rollout.devices
+  if not split:
+    mesh = sharding.make_mesh(tuple(config.mesh_shape), devices)
+    return mesh, mesh
+  return (sharding.make_mesh(tuple(config.mesh_shape), devices[:-split]),
+          sharding.make_mesh(tuple(config.rollout.mesh_shape), devices[-split:]))
 
 
 def make_sampler(config, model_cfg, tokenizer, mesh, **overrides):

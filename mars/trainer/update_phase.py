@@ -114,7 +114,10 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
     (None: this step's, the synchronous loop); recorded in batch.policy_version.
   before_update: called after the batch is prepared and before the update
     consumes the params (mars.trainer.async_loop samples the next step there);
-    its time is reported as time/rollout_s in place of `rollout_s`.
+    its time is reported as time/rollout_s in place of `rollout_s`. If it
+    returns a callable (a split run's rollout, started on its own devices),
+    that is called after the update to wait for the rollout, and returns its
+    seconds: time/step_s is then the wall time of both, overlapped.
   """
   c = run.config
   _, k_ppo = jax.random.split(jax.random.fold_in(run.base_key, step))
@@ -125,8 +128,9 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
   adv, ret = adv_fn(batch)
   jax.block_until_ready(adv)
   t2 = time.perf_counter()
+  wait_rollout = None
   if before_update is not None:
-    before_update()
+    wait_rollout = before_update()
     rollout_s = time.perf_counter() - t2
   t2b = time.perf_counter()
   rows = batch.tokens.shape[0]
@@ -134,6 +138,10 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
       run.train_step, run.state, batch, adv, ret, c.rl.ppo_epochs,
       c.rl.minibatch_size or rows, k_ppo)
   t3 = time.perf_counter()
+  update_s = t3 - t2b
+  if callable(wait_rollout):
+    rollout_s = wait_rollout()
+    t3 = time.perf_counter()
   rewards = np.asarray([r.reward for r in result.rows], np.float32)
   # Host metrics cover this process's rows; reduce() makes them global.
   m = host_metrics.reduce(host_metrics.merge(
@@ -157,7 +165,7 @@ def update_on_rollout(run: Run, step: int, adv_fn, result, rollout_s: float,
     m["logp_mismatch/on_policy_max"] = float(jnp.max(gap))
     m["logp_mismatch/on_policy_mean"] = float(jnp.sum(gap) / jnp.maximum(jnp.sum(on), 1))
   m.update({
-      "time/rollout_s": rollout_s, "time/logprob_s": t2 - t1, "time/update_s": t3 - t2b,
+      "time/rollout_s": rollout_s, "time/logprob_s": t2 - t1, "time/update_s": update_s,
       "time/step_s": (t3 - t1) if before_update is not None else rollout_s + (t3 - t1),
       "compile_count/sampler": sampling.compile_count(),
       **{f"sampler/{k}": float(v) for k, v in run.sampler.take_stats().items()},
