@@ -450,3 +450,43 @@ def test_step_with_correction_logs_and_rho_one_is_bit_exact():
   np.testing.assert_allclose(m["rollout_corr/rho_max_on"], np.e, rtol=1e-5)
   np.testing.assert_allclose(m["rollout_corr/rho_max_hinted"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(m["rollout_corr/log_rho_absmax_hinted"], 3.0, rtol=1e-5)
+
+
+def test_rollout_thread_keeps_the_grader_workers_it_spawns():
+  """A split run's rollouts share one long-lived thread: grader workers started in
+  one rollout (a replaced or recycled worker) die with the thread that started them
+  (PR_SET_PDEATHSIG), so they must still serve the next rollout. With a thread per
+  rollout they were killed between steps, and the pool failed with "keep exiting
+  during startup"."""
+  import threading, time
+  from mars import rewards
+  from mars.trainer import async_loop
+  thread = async_loop.RolloutThread()
+  try:
+    pool = thread.submit(lambda: rewards.GraderPool(num_workers=1, spare_workers=0))()
+    first = thread.submit(lambda: pool.grade_batch([r"\boxed{2}"], ["2"]))()
+    time.sleep(0.5)  # a per-call thread would have exited by now, killing the worker
+    second = thread.submit(lambda: pool.grade_batch([r"\boxed{3}"], ["2"]))()
+    assert [g.status for g in first + second] == ["correct", "wrong"]
+    assert pool.num_killed == 0 and all(w.proc.poll() is None for w in pool._workers)
+    # What the thread raises reaches the waiter.
+    with pytest.raises(ZeroDivisionError):
+      thread.submit(lambda: 1 / 0)()
+  finally:
+    thread.close()
+    pool.close()
+  # The contrast: a worker started by a short-lived thread dies when it ends.
+  box = {}
+
+  def short_lived():  # starts a worker and grades once (the worker is up), then ends
+    box["pool"] = rewards.GraderPool(num_workers=1, spare_workers=0)
+    box["pool"].grade_batch([r"\boxed{2}"], ["2"])
+
+  t = threading.Thread(target=short_lived)
+  t.start(); t.join()
+  worker = box["pool"]._workers[0]
+  deadline = time.time() + 10
+  while worker.proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert worker.proc.poll() is not None
+  box["pool"].close()

@@ -166,12 +166,12 @@ MODES = {
                                                       kl_coef=0.01, minibatch_size=16),
                               rollout=dict(group_size=1), data=dict(prompts_per_step=16)),
     "lte_single_turn": dict(episode=dict(kind="single_turn"), lte=dict(enabled=True)),
-    "lte_multi_attempt": dict(lte=dict(enabled=True)),
     # PPO's old_logp taken from the sampler: no recompute pass, no mismatch metric.
     "sampler_old_logp": dict(rl=dict(recompute_old_logp=False)),
-    # One-step-off, LTE's rescore on a split rollout group (4 of the 8 devices).
-    "lte_split_devices": dict(lte=dict(enabled=True),
-                              rollout=dict(staleness=1, devices=4)),
+    # Multi-attempt LTE, one-step-off on a split rollout group (4 of the 8 devices:
+    # the rollout and LTE's rescore of hinted rows run there, beside the update).
+    "lte_multi_attempt_split": dict(lte=dict(enabled=True),
+                                    rollout=dict(staleness=1, devices=4)),
     "dapo": dict(algorithm="dapo", episode=dict(kind="single_turn"),
                  rl=dict(eps_high=0.28, dynamic_sampling=True, max_resample_rounds=1,
                          overlong_buffer=4)),
@@ -198,8 +198,8 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
   assert np.isfinite(last["loss/loss"]) and last["skipped_updates"] == 0
   expected = {"ppo_multi_attempt": ["critic_loss", "kl_loss", "success@1"],
               "lte_single_turn": ["lte/all_fail_frac", "lte/hint_success_rate"],
-              "lte_multi_attempt": ["lte/all_fail_frac", "success@1"],
-              "lte_split_devices": ["lte/all_fail_frac", "async/version_lag"],
+              "lte_multi_attempt_split": ["lte/all_fail_frac", "success@1",
+                                          "async/version_lag"],
               "dapo": ["dapo/kept_groups", "dapo/overlong_penalty_mean"],
               "sampler_old_logp": ["success@1"]}[mode]
   for key in expected:
@@ -210,7 +210,7 @@ def test_every_mode_trains_two_steps(mode, tmp_path):
     # (what makes the mode sound; a one-step-off sampler is one update behind)
     assert last["logp_mismatch/on_policy_max"] < 1e-3, last["logp_mismatch/on_policy_max"]
     assert 0 <= last["logp_mismatch/on_policy_mean"] <= last["logp_mismatch/on_policy_max"]
-  if mode == "lte_split_devices":
+  if mode == "lte_multi_attempt_split":
     assert last["async/version_lag"] == 1
   if mode.startswith("lte"):  # hinted rows' behaviour logp rescored by the trainer
     assert last["logp_mismatch/hinted_max"] < 1e-3, last

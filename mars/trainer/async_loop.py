@@ -41,8 +41,10 @@ of the restored params: that step's lag is 0, and a warning says so.
 import logging
 import os
 import pickle
+import queue
 import threading
 import time
+from typing import Callable
 
 import jax
 
@@ -89,29 +91,62 @@ def _sample(run, step: int, version: int, rollout_params=None):
   return result, version, time.perf_counter() - t0
 
 
-def _start_sample(run, step: int, version: int, out: dict):
-  """Starts step `step`'s rollout on the rollout group in a host thread; returns the
-  wait: it joins the thread, stores (result, version, seconds) in out["inflight"]
-  and returns the seconds (or raises what the rollout raised)."""
+class RolloutThread:
+  """One host thread that runs a split run's rollouts, for the whole run.
+
+  One thread, not one per step: grader workers it spawns (a recycled or
+  replaced worker) are tied to their parent thread's life (PR_SET_PDEATHSIG,
+  mars/rewards/worker.py), so a per-step thread would kill them as it ended.
+  """
+
+  def __init__(self):
+    self._jobs = queue.Queue()
+    self._thread = threading.Thread(target=self._serve, name="rollout", daemon=True)
+    self._thread.start()
+
+  def _serve(self):
+    while True:
+      job = self._jobs.get()
+      if job is None:
+        return
+      job()
+
+  def submit(self, fn) -> Callable:
+    """Runs fn() on the thread; returns a wait() that gives its result (or raises)."""
+    done, box = threading.Event(), {}
+
+    def job():
+      try:
+        box["result"] = fn()
+      except BaseException as e:  # pylint: disable=broad-except  (re-raised by wait)
+        box["error"] = e
+      done.set()
+
+    self._jobs.put(job)
+
+    def wait():
+      done.wait()
+      if "error" in box:
+        raise box["error"]
+      return box["result"]
+
+    return wait
+
+  def close(self):
+    self._jobs.put(None)
+
+
+def _start_sample(run, thread: RolloutThread, step: int, version: int, out: dict):
+  """Starts step `step`'s rollout on the rollout group (on `thread`); returns the
+  wait: it stores (result, version, seconds) in out["inflight"] and returns the
+  seconds (or raises what the rollout raised)."""
   # The copy crosses to the rollout group now, before the update donates θ_t.
   params = jax.block_until_ready(run.sampler.rollout_params(run.state.params))
-  box = {}
-
-  def work():
-    try:
-      box["inflight"] = _sample(run, step, version, params)
-    except BaseException as e:  # pylint: disable=broad-except  (re-raised by wait)
-      box["error"] = e
-
-  thread = threading.Thread(target=work, name=f"rollout-{step}", daemon=True)
-  thread.start()
+  wait_sample = thread.submit(lambda: _sample(run, step, version, params))
 
   def wait() -> float:
-    thread.join()
-    if "error" in box:
-      raise box["error"]
-    out["inflight"] = box["inflight"]
-    return box["inflight"][2]
+    out["inflight"] = wait_sample()
+    return out["inflight"][2]
 
   return wait
 
@@ -130,6 +165,16 @@ def train_loop(run, adv_fn, end: int, *, maybe_eval, is_checkpoint_step) -> dict
       logging.warning("No in-flight rollout saved with checkpoint %d: sampling step %d with "
                       "the restored params (version lag 0 for this step).", start, start)
     inflight = _sample(run, start, start)
+  thread = RolloutThread() if rollout_phase.is_split(run) else None
+  try:
+    return _loop(run, adv_fn, start, end, inflight, thread, maybe_eval, is_checkpoint_step)
+  finally:
+    if thread is not None:
+      thread.close()
+
+
+def _loop(run, adv_fn, start, end, inflight, thread, maybe_eval, is_checkpoint_step) -> dict:
+  c = run.config
   last = {}
   for step in range(start, end):
     result, version, rollout_s = inflight
@@ -138,8 +183,8 @@ def train_loop(run, adv_fn, end: int, *, maybe_eval, is_checkpoint_step) -> dict
     def sample_next(step=step):
       if step + 1 >= c.train.steps:
         return None
-      if rollout_phase.is_split(run):  # runs beside the update; it waits for it
-        return _start_sample(run, step + 1, step, nxt)
+      if thread is not None:  # runs beside the update; the step waits for it
+        return _start_sample(run, thread, step + 1, step, nxt)
       nxt["inflight"] = _sample(run, step + 1, step)  # θ_step, before its update
       return None
 
