@@ -109,7 +109,9 @@ def lte_cfg(run: Run, episode: str):
   batches are padded to the data-parallel size so they divide the mesh."""
   cfg = ml_collections.ConfigDict(run.config.lte.to_dict())
   cfg.episode = episode
-  rows_axis = sharding.batch_shards(run.mesh)
+  # Hinted rows are sampled (and rescored) on the rollout mesh, and trained on the
+  # trainer's: a batch both divide.
+  rows_axis = math.lcm(sharding.batch_shards(run.mesh), sharding.batch_shards(run.rollout_mesh))
   cfg.hinted_min_prompts = max(cfg.hinted_min_prompts,
                                rows_axis // run.pipeline.process_count)  # per process
   return cfg
