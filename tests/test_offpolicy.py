@@ -490,3 +490,17 @@ def test_rollout_thread_keeps_the_grader_workers_it_spawns():
     time.sleep(0.05)
   assert worker.proc.poll() is not None
   box["pool"].close()
+
+
+def test_split_refuses_a_multi_process_run(monkeypatch, tmp_path):
+  """The rollout group splits one process's devices: a multi-host run with
+  rollout.devices > 0 stops with one line before anything is built."""
+  import pathlib
+  from mars.trainer import run_state
+  c = mars_config.load_config_file(
+      str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
+  c.rollout.staleness, c.rollout.devices, c.rl.recompute_old_logp = 1, 4, True
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(config_validation.ConfigError, match="splits one process's devices") as e:
+    run_state.setup(c, str(tmp_path / "run"))
+  assert "\n" not in str(e.value)
