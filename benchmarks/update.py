@@ -14,6 +14,14 @@ on rows with rollout-like long-tailed lengths (generate.py's mix: 80% of the
 responses stop within 10% of the budget, 15% in between, 5% run to it), and no
 torch; there tokens/s counts real tokens only.
 
+On CPU the run also times the step's weight matmuls alone (gemm_bound: each
+projection's forward and both backward GEMMs at the micro-batch's rows, in JAX
+and in torch): the update is matmul-bound, so their time ratio is about the
+best mars / torch this backend allows.
+
+cpu-small runs mars with model.scan_layers=False (its 4 layers unrolled: no
+stacked residual buffers); --scan-layers runs the scanned forward instead.
+
 tokens/s counts every token of the batch (B × T) per update. Compile (mars) and
 warm-up (torch) time is excluded from tokens/s and reported separately. On a
 GPU, MFU = 6 · params · tokens / (time · peak bf16 dense flops); it ignores
@@ -49,7 +57,7 @@ PRESETS = {
                                  num_key_value_heads=2, tie_word_embeddings=True,
                                  rope_theta=10000.0),  # mars needs it explicit; torch's default
                       param_dtype="float32", compute_dtype="float32", remat="none",
-                      batch=8, seq_len=256, micro_batch=8, steps=5),
+                      batch=8, seq_len=256, micro_batch=8, steps=5, scan_layers=False),
     # The cpu-small model on 32 rows of a 64-token prompt + up to 448 response tokens.
     "cpu-longtail": dict(model=dict(vocab_size=8192, hidden_size=512, intermediate_size=1408,
                                     num_hidden_layers=4, num_attention_heads=8,
@@ -57,10 +65,11 @@ PRESETS = {
                                     rope_theta=10000.0),
                          param_dtype="float32", compute_dtype="float32", remat="none",
                          batch=32, seq_len=512, micro_batch=16, steps=5, longtail=True,
-                         prompt_len=64),
+                         prompt_len=64, scan_layers=False),
     # Qwen2.5-1.5B shape, fp32 master weights + bf16 compute (both sides), 4k tokens/row.
     "gpu-1.5b": dict(model=QWEN25_15B, param_dtype="float32", compute_dtype="bfloat16",
-                     remat="full", batch=8, seq_len=4096, micro_batch=2, steps=5),
+                     remat="full", batch=8, seq_len=4096, micro_batch=2, steps=5,
+                     scan_layers=True),
 }
 OPT = dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
 PROMPT_FRACTION = 0.25  # the first quarter of each row is "prompt" (not in the loss).
@@ -203,7 +212,7 @@ def setup_mars(preset, data, model_dict, packing=False):
 
   hf = dict(model_dict, model_type="qwen2")
   cfg = from_hf_dict(hf, param_dtype=preset["param_dtype"], dtype=preset["compute_dtype"],
-                     remat=preset["remat"])
+                     remat=preset["remat"], scan_layers=preset["scan_layers"])
   mesh = sharding.make_mesh((1, -1, 1))  # all devices on fsdp (one GPU / one CPU: size 1)
   tokens, attention, loss_mask, adv = data
   B, T = tokens.shape
@@ -244,6 +253,55 @@ def setup_mars(preset, data, model_dict, packing=False):
   if packing:
     info["packed_efficiency"] = lambda: holder.get("efficiency")
   return step, info, close
+
+
+def gemm_bound(preset, model_dict, repeats=5):
+  """(jax seconds, torch seconds) of one update's weight matmuls on CPU.
+
+  Per micro-batch of M = micro_batch · seq_len rows, each projection [K, N]
+  (q, k, v, o, gate, up, down per layer; the lm_head) runs y = x·W, dx = dy·Wᵀ
+  and dW = xᵀ·dy: timed once per distinct shape (median of `repeats`) and
+  counted as often as the step runs it. fp32 operands, contiguous, as stored.
+  """
+  import jax
+  import torch
+  m = model_dict
+  d, f, v, layers = m["hidden_size"], m["intermediate_size"], m["vocab_size"], m["num_hidden_layers"]
+  hd = m.get("head_dim") or d // m["num_attention_heads"]
+  q, kv = m["num_attention_heads"] * hd, m["num_key_value_heads"] * hd
+  rows = preset["micro_batch"] * preset["seq_len"]
+  counts = {}
+  for shape in [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]:
+    counts[shape] = counts.get(shape, 0) + layers
+  counts[(d, v)] = counts.get((d, v), 0) + 1
+  micro_batches = preset["batch"] // preset["micro_batch"]
+  rng = np.random.default_rng(0)
+
+  def median_s(fn):
+    fn()
+    ts = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+  fwd = jax.jit(lambda x, w: x @ w)
+  dx = jax.jit(lambda dy, w: jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ()))))
+  dw = jax.jit(lambda x, dy: jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ()))))
+  total = {"jax": 0.0, "torch": 0.0}
+  for (k, n), count in counts.items():
+    x, w, dy = (rng.standard_normal(s, dtype=np.float32) for s in ((rows, k), (k, n), (rows, n)))
+    jx, jw, jdy = (jax.device_put(a) for a in (x, w, dy))
+    tx, tw, tdy = (torch.from_numpy(a) for a in (x, w, dy))
+    jax_s = (median_s(lambda: fwd(jx, jw).block_until_ready())
+             + median_s(lambda: dx(jdy, jw).block_until_ready())
+             + median_s(lambda: dw(jx, jdy).block_until_ready()))
+    torch_s = (median_s(lambda: tx @ tw) + median_s(lambda: tdy @ tw.T)
+               + median_s(lambda: tx.T @ tdy))
+    total["jax"] += count * micro_batches * jax_s
+    total["torch"] += count * micro_batches * torch_s
+  return total["jax"], total["torch"]
 
 
 def main_longtail(args, preset, data):
@@ -300,6 +358,8 @@ def main(argv=None):
   ap.add_argument("--seq-len", type=int, default=None)
   ap.add_argument("--micro-batch", type=int, default=None)
   ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--scan-layers", action="store_true",
+                  help="mars scans its layers (model.scan_layers=True) whatever the preset says")
   ap.add_argument("--threads", type=int, default=None,
                   help="CPU only: intra-op threads for both sides (default: all cores)")
   args = ap.parse_args(argv)
@@ -314,6 +374,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
   preset = dict(PRESETS[args.preset])
+  if args.scan_layers:
+    preset["scan_layers"] = True
   for key in ("steps", "batch", "seq_len", "micro_batch"):
     if getattr(args, key) is not None:
       preset[key] = getattr(args, key)
@@ -365,7 +427,7 @@ def main(argv=None):
              seq_len=preset["seq_len"], micro_batch=preset["micro_batch"],
              tokens_per_step=tokens_per_step, param_dtype=preset["param_dtype"],
              compute_dtype=preset["compute_dtype"], remat=preset["remat"],
-             model=model_dict, steps=preset["steps"])
+             scan_layers=preset["scan_layers"], model=model_dict, steps=preset["steps"])
   res.update(mars_res)
   res.update(torch_res)
   res["timing"] = "interleaved, median" if interleave else "sequential, median"
@@ -391,6 +453,10 @@ def main(argv=None):
            f"{torch_res['torch_step_s']:.3f}" if torch_res else "-"),
           ("compile/warmup s", f"{mars_res['mars_compile_s']:.1f}",
            f"{torch_res['torch_warmup_s']:.1f}" if torch_res else "-")]
+  if torch_res and not _on_gpu():
+    res["gemm_jax_s"], res["gemm_torch_s"] = gemm_bound(preset, model_dict)
+    res["gemm_ratio"] = res["gemm_torch_s"] / res["gemm_jax_s"]
+    rows.append(("weight GEMMs s", f"{res['gemm_jax_s']:.3f}", f"{res['gemm_torch_s']:.3f}"))
   if "mfu" in res:
     rows.append(("MFU", f"{res['mfu']:.1%}",
                  f"{res['torch_mfu']:.1%}" if "torch_mfu" in res else "-"))
@@ -401,6 +467,10 @@ def main(argv=None):
     print(f"  {r[0]:<18}{r[1]:>12}{r[2]:>12}")
   if res["ratio_vs_torch"]:
     print(f"  mars / torch: {res['ratio_vs_torch']:.2f}x")
+  if "gemm_ratio" in res:
+    print(f"  the step's weight GEMMs alone, JAX (XLA:CPU) vs torch: {res['gemm_ratio']:.2f}x "
+          f"the speed; the rest of the step takes {res['mars_step_s'] - res['gemm_jax_s']:.3f} s "
+          f"vs {torch_res['torch_step_s'] - res['gemm_torch_s']:.3f} s")
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -430,5 +430,11 @@ def test_remat_policies_match_hf_gradient_and_cut_memory(tiny_qwen3):
     np.testing.assert_allclose(np.asarray(grads["embed"]), ref, atol=2e-4, rtol=1e-4)
     temps[policy] = grad_fn.lower(params, pcfg).compile().memory_analysis().temp_size_in_bytes
   assert temps["full"] < temps["dots"] <= temps["none"], temps
+  # model.scan_layers=False unrolls the layer loop: the same gradient, and no
+  # stacked per-layer residuals (the scan's [layers, ...] buffers).
+  unrolled = jax.jit(jax.grad(loss), static_argnums=1)
+  grads = unrolled(params, cfg.replace(scan_layers=False))
+  np.testing.assert_allclose(np.asarray(grads["embed"]), ref, atol=2e-4, rtol=1e-4)
+  assert "while" not in unrolled.lower(params, cfg.replace(scan_layers=False)).as_text()
   with pytest.raises(ValueError, match="unknown remat policy 'True'"):
     jax.grad(loss)(params, cfg.replace(remat="True"))

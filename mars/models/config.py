@@ -41,6 +41,11 @@ class ModelConfig:
   # layer, "dots" keeps the weight matmuls' outputs and recomputes the rest
   # (attention scores, norms, activations).
   remat: str = "none"
+  # The full-sequence forward runs `lax.scan` over the stacked layers (one
+  # compiled layer: fast compiles at 28-36 layers). False unrolls it (MaxText's
+  # scan_layers): no stacked per-layer residual buffers to zero and fill, and
+  # one compile per layer. The cached forward (paged.py) always scans.
+  scan_layers: bool = True
   # The full-sequence forward's attention (ATTENTION_KINDS): "dense" scores the
   # whole [T, T] matrix; "chunked" is flash attention in XLA (models/flash.py):
   # [block, block] scores at a time, causal blocks skipped, its own backward;

@@ -272,5 +272,6 @@ def forward(cfg: ModelConfig, params: Params, tokens, attention_mask,
     return layer_out(cfg, lp, h, attend(q, k, v)), None
 
   layer = remat_layer(layer, cfg.remat)
-  h, _ = jax.lax.scan(layer, embed(cfg, params, tokens), params["layers"])
+  h, _ = jax.lax.scan(layer, embed(cfg, params, tokens), params["layers"],
+                      unroll=not cfg.scan_layers)
   return final(cfg, params, h, return_hidden)

@@ -21,11 +21,11 @@ from mars.config_validation import ConfigError
 
 def compute_options(config, platform: Optional[str] = None) -> dict:
   """The ModelConfig fields a run's config chooses besides dtypes: how the
-  full-sequence forward is computed (remat policy, attention kind and block,
-  logits chunk). model.attention="auto" is resolved here, for `platform` (the
+  full-sequence forward is computed (remat policy, layer scan, attention kind
+  and block, logits chunk). model.attention="auto" is resolved here, for `platform` (the
   run's devices by default; mars.plan passes the topology's)."""
   platform = platform or jax.devices()[0].platform
-  return dict(remat=config.model.remat,
+  return dict(remat=config.model.remat, scan_layers=config.model.scan_layers,
               attention=kernels.resolve(config.model.attention, platform),
               attention_block=config.model.attention_block,
               logits_chunk=config.model.logits_chunk)
