@@ -21,16 +21,17 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything compiles."""
 
 
+def _one_of(value, name: str, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f"Unknown {name} {value!r}; choose one of {choices}.")
+
+
 def validate(c, num_devices: int = None, platform: str = None) -> None:
   """One clear error line per problem, before any compile. `platform`: where the
   run's steps compile (default: JAX's backend; mars.plan passes "tpu")."""
-  if c.algorithm not in ALGORITHMS:
-    raise ConfigError(f"Unknown algorithm {c.algorithm!r}; choose one of {ALGORITHMS}.")
-  if c.model.remat not in REMAT_POLICIES:
-    raise ConfigError(f"Unknown model.remat {c.model.remat!r}; choose one of {REMAT_POLICIES}.")
-  if c.model.attention not in ATTENTION_KINDS:
-    raise ConfigError(f"Unknown model.attention {c.model.attention!r}; choose one of "
-                      f"{ATTENTION_KINDS}.")
+  _one_of(c.algorithm, "algorithm", ALGORITHMS)
+  _one_of(c.model.remat, "model.remat", REMAT_POLICIES)
+  _one_of(c.model.attention, "model.attention", ATTENTION_KINDS)
   # An explicit kernel must match the backend ("auto" resolves to one that does).
   needs = {"splash": "tpu", "pallas_gpu": "gpu"}.get(c.model.attention)
   if needs and needs != (platform or jax.default_backend()):
@@ -41,12 +42,9 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
     raise ConfigError(f"model.attention_block must be >= 1, got {c.model.attention_block}.")
   if c.model.logits_chunk < 0:
     raise ConfigError(f"model.logits_chunk must be >= 0 (0 = unchunked), got {c.model.logits_chunk}.")
-  if c.episode.kind not in EPISODE_KINDS:
-    raise ConfigError(f"Unknown episode.kind {c.episode.kind!r}; choose one of {EPISODE_KINDS}.")
-  if c.rl.adv_estimator not in ADV_ESTIMATORS:
-    raise ConfigError(f"Unknown rl.adv_estimator {c.rl.adv_estimator!r}; choose one of "
-                      f"{ADV_ESTIMATORS}.")
-  if not 0.0 <= c.sft.get("hint_fraction", 0.0) <= 1.0:
+  _one_of(c.episode.kind, "episode.kind", EPISODE_KINDS)
+  _one_of(c.rl.adv_estimator, "rl.adv_estimator", ADV_ESTIMATORS)
+  if not 0.0 <= c.sft.hint_fraction <= 1.0:
     raise ConfigError(f"sft.hint_fraction={c.sft.hint_fraction} must be in [0, 1].")
   if c.model.dtype != "float32" and not c.model.allow_low_precision_params:
     raise ConfigError(
@@ -64,9 +62,7 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
                       f"episode.min_attempts={c.episode.min_attempts}.")
   if c.episode.min_attempts < 1:
     raise ConfigError(f"episode.min_attempts must be >= 1, got {c.episode.min_attempts}.")
-  if c.episode.attempt_end not in ATTEMPT_ENDS:
-    raise ConfigError(f"Unknown episode.attempt_end {c.episode.attempt_end!r}; choose one of "
-                      f"{ATTEMPT_ENDS}.")
+  _one_of(c.episode.attempt_end, "episode.attempt_end", ATTEMPT_ENDS)
   for name in ("chunk_tokens", "budget"):
     if c.episode[name] < 1:
       raise ConfigError(f"episode.{name} must be >= 1, got {c.episode[name]}.")
@@ -76,7 +72,7 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
     raise ConfigError(f"episode.max_chunks={c.episode.max_chunks} caps chunk-mode episodes only; "
                       f"set it to 0 with attempt_end={c.episode.attempt_end!r}.")
   # config.eval may override the eval's attempt_end (mars.evaluate.trainer_eval_config).
-  if c.eval.get("attempt_end", ATTEMPT_ENDS[0]) not in ATTEMPT_ENDS:
+  if "attempt_end" in c.eval and c.eval.attempt_end not in ATTEMPT_ENDS:
     raise ConfigError(f"Unknown eval.attempt_end {c.eval.attempt_end!r}; choose one of "
                       f"{ATTEMPT_ENDS}.")
   _validate_offpolicy(c)
@@ -136,9 +132,7 @@ def validate(c, num_devices: int = None, platform: str = None) -> None:
         raise ConfigError(f"prompts_per_step={c.data.prompts_per_step} is not divisible by the "
                           f"rollout group's data×fsdp size {shape[0] * shape[1]} "
                           f"(rollout.mesh_shape {tuple(shape)}).")
-  if c.train.grader_boxes not in BOXES:
-    raise ConfigError(f"Unknown train.grader_boxes {c.train.grader_boxes!r}; choose one of "
-                      f"{BOXES}.")
+  _one_of(c.train.grader_boxes, "train.grader_boxes", BOXES)
   if not 0 < c.rollout.top_p <= 1:
     raise ConfigError(f"rollout.top_p must be in (0, 1], got {c.rollout.top_p}.")
   if c.train.steps < 1:
@@ -178,7 +172,7 @@ def _resolve_mesh(mesh_shape, num_devices: int, name: str) -> list:
 
 
 def _validate_sampling(c) -> None:
-  s = c.get("sampling", None) or {}
+  s = c.sampling
   for field in ("page_size", "decode_chunk", "prefill_chunk"):
     if field in s and (not isinstance(s[field], int) or s[field] < 1):
       raise ConfigError(f"sampling.{field} must be an int >= 1, got {s[field]!r}.")
@@ -195,28 +189,23 @@ def _validate_sampling(c) -> None:
 def _validate_offpolicy(c) -> None:
   """rl.loss, rl.rollout_correction and rollout.staleness (docs/offpolicy.md)."""
   rl = c.rl
-  loss = rl.get("loss", "ppo")
-  corr = rl.get("rollout_correction", "none")
-  level = rl.get("rollout_correction_level", "token")
-  if loss not in LOSSES:
-    raise ConfigError(f"Unknown rl.loss {loss!r}; choose one of {LOSSES}.")
-  if corr not in ROLLOUT_CORRECTIONS:
-    raise ConfigError(f"Unknown rl.rollout_correction {corr!r}; choose one of "
-                      f"{ROLLOUT_CORRECTIONS}.")
+  loss, corr, level = rl.loss, rl.rollout_correction, rl.rollout_correction_level
+  _one_of(loss, "rl.loss", LOSSES)
+  _one_of(corr, "rl.rollout_correction", ROLLOUT_CORRECTIONS)
   if level not in ("token", "sequence"):
     raise ConfigError(f"Unknown rl.rollout_correction_level {level!r}; choose 'token' or "
                       f"'sequence'.")
-  if rl.get("rollout_seq_ratio", "geometric") not in ("geometric", "product"):
+  if rl.rollout_seq_ratio not in ("geometric", "product"):
     raise ConfigError(f"Unknown rl.rollout_seq_ratio {rl.rollout_seq_ratio!r}; choose "
                       f"'geometric' or 'product'.")
-  if rl.get("tis_cap", 2.0) <= 0:
+  if rl.tis_cap <= 0:
     raise ConfigError(f"rl.tis_cap must be > 0 (C of min(ρ, C)), got {rl.tis_cap}.")
   for lo, hi in (("mis_lo", "mis_hi"), ("icepop_alpha", "icepop_beta")):
-    if not 0 <= rl.get(lo, 0.5) < rl.get(hi, 2.0):
+    if not 0 <= rl[lo] < rl[hi]:
       raise ConfigError(f"rl.{lo}={rl[lo]} and rl.{hi}={rl[hi]} must satisfy "
                         f"0 <= {lo} < {hi}.")
   for name in ("gspo_eps_low", "gspo_eps_high", "cispo_eps_low", "cispo_eps_high"):
-    if rl.get(name, 1.0) <= 0:
+    if rl[name] <= 0:
       raise ConfigError(f"rl.{name} must be > 0, got {rl[name]}.")
   if corr != "none" and not rl.recompute_old_logp:
     raise ConfigError(f"rl.rollout_correction={corr!r} needs rl.recompute_old_logp=True: "
@@ -237,7 +226,7 @@ def _validate_offpolicy(c) -> None:
     raise ConfigError(f"rl.loss='gspo' has one ratio per sequence: a token-level "
                       f"{corr!r} breaks it; set rl.rollout_correction_level='sequence' "
                       f"(or rl.loss='gspo_token').")
-  staleness = c.rollout.get("staleness", 0)
+  staleness = c.rollout.staleness
   if staleness not in (0, 1):
     raise ConfigError(f"rollout.staleness={staleness}: only 0 (synchronous) and 1 (one-step-"
                       f"off) are supported; more needs partial-rollout support, which mars "

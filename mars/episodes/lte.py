@@ -111,15 +111,17 @@ def old_logp_for_loss(batch, recomputed_old_logp):
   return jnp.where(off, jnp.asarray(batch.behaviour_logp), jnp.asarray(recomputed_old_logp))
 
 
-def passing_rows(rows: Sequence[Row], cfg) -> np.ndarray:
+def passing_rows(rows: Sequence[Row], cfg, episode: str) -> np.ndarray:
   """[B] bool: the row's reward beats every failure reward of its episode kind
-  (reward_wrong, and reward_no_answer for multi-attempt episodes).
+  (cfg.reward_wrong, and cfg.reward_no_answer for multi-attempt episodes).
 
   This reads the same `Row.reward` the advantages read: a correct answer that
   hit the length limit (reward_wrong under truncated_is_failure) fails, and a
   later-attempt success shrunk by attempt_discount still passes.
   """
-  fail = max(float(cfg.reward_wrong), float(cfg.get("reward_no_answer", cfg.reward_wrong)))
+  fail = float(cfg.reward_wrong)
+  if episode == "multi_attempt":
+    fail = max(fail, float(cfg.reward_no_answer))
   return np.array([r.reward > fail for r in rows], bool)
 
 
@@ -170,7 +172,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
     return base
   # Pass/fail from the rewards the advantages will use, not the grader's status
   # string, so that a custom reward and LTE's selection cannot disagree.
-  ok = passing_rows(base.rows, cfg)
+  ok = passing_rows(base.rows, cfg, episode)
   truncated = np.array([r.truncated for r in base.rows])
   group_ids = np.array([r.group_id for r in base.rows])
   codes = classify_groups(ok, truncated, group_ids, len(problems))
@@ -206,7 +208,7 @@ def rollout(sampler, params, tokenizer, problems: Sequence[dict], *, key, grade_
               pad_prompts_to=pad_to)
   if placeholder:
     extra = dataclasses.replace(extra, rows=[], meta=[])
-  extra_ok = passing_rows(extra.rows, cfg)
+  extra_ok = passing_rows(extra.rows, cfg, episode)
   extra_cut = np.array([r.truncated for r in extra.rows])
   extra_groups = np.array([r.group_id for r in extra.rows])
 

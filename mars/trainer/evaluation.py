@@ -219,7 +219,7 @@ def run_cli(cfg, checkpoint: str, out_dir: str, *, step: Optional[int] = None, c
     pool = rewards.GraderPool(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s,
                               boxes=cfg.grader_boxes)
     grade_fn, close = pool.grade_batch, pool.close
-  sampler = specs.make_sampler(cfg, model_cfg, tokenizer, mesh, kv_tokens=cfg.kv_tokens)
+  sampler = specs.make_sampler(None, model_cfg, tokenizer, mesh, kv_tokens=cfg.kv_tokens)
   # A run's checkpoint holds fp32 masters: sample from one compute-dtype copy.
   policy = Policy(sampler, sampler.rollout_params(params), tokenizer, grade_fn,
                   pad_multiple=sharding.batch_shards(mesh))

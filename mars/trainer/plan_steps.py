@@ -289,7 +289,7 @@ def build(c, model_cfg, mesh, prompt_len: int, only: Optional[tuple] = None,
   sharding.check_batch(B, mesh, "prompt batch")
   sharding.check_batch(B * n, mesh, "rollout batch (prompts × n)")
   sampler = engine.Sampler(model_cfg, mesh=mesh, queue_len=QUEUE_LEN,
-                           **specs.sampler_kwargs(c))
+                           **specs.sampler_kwargs(c.sampling))
   G, p = sampler.groups, sampler.page_size
   pages = sampler.pages_per_group(B * n // G, S)
   pool_shape = paged.pool_shape(model_cfg, pages * G, p)

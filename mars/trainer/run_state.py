@@ -116,7 +116,7 @@ def setup(config, workdir: str, grade_fn: Optional[Callable] = None) -> Run:
   close_grader = lambda: None
   if grade_fn is None:
     grade_fn, close_grader = policy.make_grade_fn(config)
-  sampler = specs.make_sampler(config, model_cfg, tokenizer, rollout_mesh)
+  sampler = specs.make_sampler(config.sampling, model_cfg, tokenizer, rollout_mesh)
   train_step = step_lib.make_train_step(model_cfg, specs.rl_step_config(config), policy_opt, critic_opt,
                                         mesh, state_sh)
 

@@ -17,12 +17,10 @@ SAMPLER_QUEUE_LEN = 128
 SAMPLER_FIELDS = ("kv_tokens", "page_size", "max_slots", "decode_chunk", "prefill_chunk")
 
 
-def sampler_kwargs(config) -> dict:
-  """config.sampling as Sampler keyword arguments (defaults where a config lacks it)."""
-  section = config.get("sampling", None) or {}
-  out = {k: int(section[k]) for k in SAMPLER_FIELDS if k in section}
-  if "decode_attention" in section:
-    out["decode_attention"] = str(section["decode_attention"])
+def sampler_kwargs(sampling) -> dict:
+  """A run config's `sampling` section as Sampler keyword arguments."""
+  out = {k: int(sampling[k]) for k in SAMPLER_FIELDS}
+  out["decode_attention"] = str(sampling.decode_attention)
   return out
 
 
@@ -39,12 +37,14 @@ def make_meshes(config, devices=None) -> tuple:
           sharding.make_mesh(tuple(config.rollout.mesh_shape), devices[-split:]))
 
 
-def make_sampler(config, model_cfg, tokenizer, mesh, **overrides):
-  """The run's rollout engine (`overrides`: Sampler arguments an eval config sets)."""
+def make_sampler(sampling_section, model_cfg, tokenizer, mesh, **overrides):
+  """The rollout engine of a run (its config.sampling) or of an eval, whose config
+  has no sampling section (None: the Sampler's own defaults; `overrides`: the
+  Sampler arguments an eval config sets)."""
   from mars import sampling  # pylint: disable=g-import-not-at-top
+  kwargs = sampler_kwargs(sampling_section) if sampling_section is not None else {}
   return sampling.Sampler(model_cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                          mesh=mesh, queue_len=SAMPLER_QUEUE_LEN,
-                          **dict(sampler_kwargs(config), **overrides))
+                          mesh=mesh, queue_len=SAMPLER_QUEUE_LEN, **dict(kwargs, **overrides))
 
 
 def updates_per_step(config) -> int:
