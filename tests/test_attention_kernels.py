@@ -2,7 +2,8 @@
 in Pallas interpret mode on CPU, against the dense XLA attention and the chunked
 one: forward and gradients within 1e-5 in fp32 on ragged, left/right-padded and
 packed batches with GQA ratios 1/2/7 and head_dim 64/128; bf16 no worse than dense
-bf16; a whole model (vs HF), sharded on a mesh; and how `auto` and validation pick.
+bf16; splash skipping the blocks segments rule out; a whole model (vs HF), sharded on
+a mesh; and how `auto` and validation pick.
 
 Interpret mode runs the kernels' own code (grid, blocks, masks, custom backward)
 as XLA on the host: it checks what they compute, not their speed or that Mosaic /
@@ -63,6 +64,51 @@ def test_kernel_packed_and_multi_block_matches_chunked(kind):
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
   assert all(np.all(g[~real] == 0) for g in grads)   # empty slots get no gradient
+
+
+def test_segment_block_overlap_hand_worked():
+  """Blocks of 128 over a packed row (segments of 150, 250 and 50 tokens, 62 empty
+  slots) and a left-padded row (200 padding slots): which q block (row) can see
+  which kv block (column), worked out by hand."""
+  packed = np.zeros(512, np.int32)
+  packed[:150], packed[150:400], packed[400:450] = 1, 2, 3
+  padded = np.zeros(512, np.int32)
+  padded[200:] = 1
+  got = [np.asarray(kernels.segment_block_overlap(jnp.asarray(s), 128)).astype(int)
+         for s in (packed, padded)]
+  # packed: block 0 = {1}, 1 = {1, 2}, 2 = {2}, 3 = {2, 3, 0}: 3's interval [0, 3] is
+  # kept whole (the conservative case). padded: 0 = {0}, 1 = {0, 1}, 2 = 3 = {1}.
+  np.testing.assert_array_equal(got[0], [[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(got[1], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
+
+
+def test_splash_runs_only_the_blocks_segments_allow(monkeypatch):
+  """The kernel honours the per-example block tables: with them, a packed row of three
+  sequences over 4 blocks runs 6 of the 10 causal blocks (counted from the tables) and
+  equals the chunked attention; told wrongly that q block 2 cannot see kv block 1
+  (which its segment 2 needs), its output there changes and elsewhere it does not, so
+  blocks ruled out are really not computed."""
+  T = 512
+  seg = np.zeros((1, T), np.int32)
+  seg[0, :128], seg[0, 128:320], seg[0, 320:] = 1, 2, 3
+  q, k, v, _, _ = _inputs(1, T, 4, 2, 64)
+  segj = jnp.asarray(seg)
+  ref = np.asarray(flash.flash_attention(q, k, v, jnp.asarray(seg > 0), 64, segment_ids=segj))
+  kern = kernels._splash_kernel(4, T, 128, True)
+  causal = np.asarray(kern.fwd_mask_info.block_mask[0]) > 0
+  overlap = np.asarray(kernels.segment_block_overlap(segj[0], 128))
+  assert causal.sum() == 10 and (causal & overlap).sum() == 6
+
+  out = np.asarray(kernels.splash_attention(q, k, v, segj, block=128, interpret=True))
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+  true_overlap = kernels.segment_block_overlap
+  def wrong(s, block):
+    return true_overlap(s, block).at[2, 1].set(False)
+  monkeypatch.setattr(kernels, "segment_block_overlap", wrong)
+  sabotaged = np.asarray(kernels.splash_attention(q, k, v, segj, block=128, interpret=True))
+  changed = np.abs(sabotaged - ref).max(axis=(2, 3))[0] > 1e-3
+  assert changed[256:320].all()       # q block 2's segment-2 queries lost keys 128..255
+  assert not changed[:256].any() and not changed[320:].any()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -19,6 +19,12 @@ rows use the attention mask as the id (1 real, 0 padding), packed rows their
 own (1, 2, ... per sequence, 0 on empty slots). A real query then sees exactly
 the keys the dense mask lets it see; a padding query sees earlier padding keys
 (at least itself, so its output is finite; it is never read).
+
+Splash also skips the blocks that segments rule out, not only those above the
+causal diagonal: each example's block tables (which kv block each q block
+computes) are restricted by its segment ids at run time (`segment_block_overlap`),
+so a packed row of n sequences computes about 1/n of the causal blocks, and a
+left-padded row skips its real queries' blocks over the padding.
 """
 import contextlib
 import functools
@@ -87,7 +93,8 @@ def _block_for(T: int, block: int, minimum: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
-  """The kernel for one example (vmapped over the batch): causal, per q head."""
+  """The causal kernel for one example, per q head; splash_attention restricts its block
+  tables by each example's segments."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(num_heads)])
@@ -101,6 +108,42 @@ def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
                               interpret=interpret)
 
 
+def segment_block_overlap(segments, block: int):
+  """segments [T] (T a multiple of `block`) -> [T/block, T/block] bool: whether q block
+  i and kv block j can hold a (query, key) pair of one segment.
+
+  Compares each block's [min, max] id interval, which is exact for the runs that
+  packing and padding make and conservative for any ids (two blocks that share an
+  id have overlapping intervals). A block with the empty tail's 0s and real ids
+  has a wide interval and is kept: at most one q row and one kv column of blocks.
+  """
+  s = segments.reshape(-1, block)
+  lo, hi = s.min(axis=1), s.max(axis=1)
+  return (hi[:, None] >= lo[None, :]) & (hi[None, :] >= lo[:, None])
+
+
+def _restrict_blocks(mask_info, overlap, grid_axis: int):
+  """A splash MaskInfo with the blocks `overlap` rules out skipped.
+
+  block_mask [heads, q blocks, kv blocks] says which blocks run (0 = skip);
+  data_next is the block each grid step fetches. A skipped step fetches what the
+  step before it fetched (forward-filled along the axis the grid walks fastest,
+  `grid_axis`: kv for the forward and dq passes, q for dkv), so skipping also
+  saves the copy; steps before a row's first kept block fetch that block.
+  """
+  if mask_info is None:
+    return None
+  keep = (mask_info.block_mask > 0) & overlap[None]
+  n = keep.shape[grid_axis]
+  position = jnp.arange(n).reshape([n if a == grid_axis else 1 for a in range(keep.ndim)])
+  last = jax.lax.cummax(jnp.where(keep, position, -1), axis=grid_axis)
+  first = jnp.argmax(keep, axis=grid_axis, keepdims=True)
+  source = jnp.where(last >= 0, last, first)
+  return mask_info._replace(
+      block_mask=jnp.where(keep, mask_info.block_mask, 0).astype(mask_info.block_mask.dtype),
+      data_next=jnp.take_along_axis(mask_info.data_next, source, axis=grid_axis))
+
+
 def splash_attention(q, k, v, segments, *, block: int = 512, interpret: bool = False):
   """q [B, T, H, hd], k/v [B, T, KVH, hd], segments [B, T] int -> [B, T, H, hd]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -112,8 +155,17 @@ def splash_attention(q, k, v, segments, *, block: int = 512, interpret: bool = F
   qh = jnp.moveaxis(_pad_length(q * jnp.asarray(hd ** -0.5, q.dtype), Tp), 2, 1)
   kh = jnp.moveaxis(_pad_length(k, Tp), 2, 1)
   vh = jnp.moveaxis(_pad_length(v, Tp), 2, 1)
-  out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s)))(
-      qh, kh, vh, seg)
+
+  def one(a, b, c, s):
+    # Per-example block tables are batched scalar-prefetch operands, which
+    # pallas_call's vmap runs as a loop over the examples, each a full grid.
+    overlap = segment_block_overlap(s, block)
+    restricted = sk.SplashAttentionKernel(
+        _restrict_blocks(kernel.fwd_mask_info, overlap, 2),
+        _restrict_blocks(kernel.dq_mask_info, overlap, 2),
+        _restrict_blocks(kernel.dkv_mask_info, overlap, 1), **kernel.kwargs)
+    return restricted(a, b, c, segment_ids=sk.SegmentIds(q=s, kv=s))
+  out = jax.vmap(one)(qh, kh, vh, seg)
   return jnp.moveaxis(out, 1, 2)[:, :T].astype(q.dtype)
 
 
