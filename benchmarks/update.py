@@ -12,7 +12,10 @@ micro-batching, precision and optimizer hyper-parameters, in one run:
 cpu-longtail runs mars twice, padded and packed (rl.packing, mars/rl/seq_pack.py),
 on rows with rollout-like long-tailed lengths (generate.py's mix: 80% of the
 responses stop within 10% of the budget, 15% in between, 5% run to it), and no
-torch; there tokens/s counts real tokens only.
+torch; there tokens/s counts real tokens only. It also counts the packed rows and
+the attention blocks the TPU splash kernel would run, for these rows and for a
+grpo_4b-shaped minibatch: padded, packed with micro-batches as given and balanced,
+with the causal mask alone and with segments (splash_blocks).
 
 On CPU the run also times the step's weight matmuls alone (gemm_bound: each
 projection's forward and both backward GEMMs at the micro-batch's rows, in JAX
@@ -304,6 +307,49 @@ def gemm_bound(preset, model_dict, repeats=5):
   return total["jax"], total["torch"]
 
 
+def splash_blocks(attention_mask, num_micro: int, block: int) -> dict:
+  """Rows and attention blocks the TPU splash kernel runs for these rows: padded, packed
+  with the rows' micro-batches as given (micro-batch i = rows i, i + n, ...), and
+  packed with balanced micro-batches (seq_pack.balanced_order, what mars runs),
+  counted from the block tables splash would use: causal only (the static mask) vs
+  causal and segments (kernels.segment_block_overlap). A count, not a timing: no TPU
+  here. Blocks are per head and example, block × block each."""
+  import jax.numpy as jnp
+  from mars.models import kernels
+  from mars.rl import seq_pack
+
+  def count(segments):
+    T = segments.shape[1]
+    Tp = -(-T // block) * block
+    segments = np.pad(segments, ((0, 0), (0, Tp - T)), constant_values=-1)
+    n = Tp // block
+    causal = np.tril(np.ones((n, n), bool))
+    overlap = np.stack([np.asarray(kernels.segment_block_overlap(jnp.asarray(s), block))
+                        for s in segments])
+    return dict(rows=len(segments), blocks_causal=int(causal.sum()) * len(segments),
+                blocks_with_segments=int((overlap & causal).sum()))
+
+  out = dict(block=block, padded=count(np.asarray(attention_mask).astype(np.int32)))
+  for name, balance in (("packed_as_given", False), ("packed_balanced", True)):
+    index = seq_pack.plan_batch(attention_mask, num_micro, balance=balance)
+    out[name] = count(np.asarray(index.segment).reshape(-1, index.segment.shape[-1]))
+  out["balanced_with_segments_vs_padded_causal"] = (
+      out["packed_balanced"]["blocks_with_segments"] / out["padded"]["blocks_causal"])
+  return out
+
+
+def grpo_4b_like_mask(seed=0):
+  """configs/grpo_4b.py's update shape: a 512-row minibatch, micro batch 8, prompts up
+  to 1024 tokens (left-padded, 128-1024 real), responses of the long-tailed mix within
+  8192: [512, 9216] bool."""
+  rng = np.random.default_rng(seed)
+  B, P, budget = 512, 1024, 8192
+  mask = np.zeros((B, P + budget), bool)
+  for r, n in enumerate(response_lengths(B, budget, rng)):
+    mask[r, P - rng.integers(128, P + 1):P + n] = True
+  return mask
+
+
 def main_longtail(args, preset, data):
   """mars padded vs mars packed, interleaved, on the long-tailed rows."""
   real = int(data[1].sum())
@@ -331,6 +377,10 @@ def main_longtail(args, preset, data):
     res[f"{name}_step_times_s"] = side["times"]
     res[f"{name}_real_tokens_per_s"] = real / res[f"{name}_step_s"]
   res["packed_vs_padded"] = res["padded_step_s"] / res["packed_step_s"]
+  micro = preset["batch"] // preset["micro_batch"]
+  res["splash_blocks"] = dict(
+      this_batch=splash_blocks(data[1], micro, 128),
+      grpo_4b_like=splash_blocks(grpo_4b_like_mask(), 512 // 8, 512))
   print(f"policy update, preset {args.preset} on {res['device']}: {preset['batch']} rows of "
         f"{preset['prompt_len']} + up to {preset['seq_len'] - preset['prompt_len']} tokens "
         f"(long tail), micro-batch {preset['micro_batch']}")
@@ -340,6 +390,13 @@ def main_longtail(args, preset, data):
   print(f"  {'step s':<22}{res['padded_step_s']:>12.3f}{res['packed_step_s']:>12.3f}")
   print(f"  {'efficiency':<22}{res['padded_efficiency']:>12.1%}{res['packed_efficiency']:>12.1%}")
   print(f"  packed / padded: {res['packed_vs_padded']:.2f}x")
+  print("  TPU splash attention blocks run (counted from its block tables, not timed):")
+  print(f"  {'':<40}{'rows':>8}{'causal':>12}{'+ segments':>12}")
+  for name, b in res["splash_blocks"].items():
+    for layout in ("padded", "packed_as_given", "packed_balanced"):
+      c = b[layout]
+      label = f"{name} (block {b['block']}), {layout}"
+      print(f"  {label:<40}{c['rows']:>8}{c['blocks_causal']:>12}{c['blocks_with_segments']:>12}")
   return res
 
 

@@ -1,6 +1,7 @@
-"""Sequence packing (mars/rl/seq_pack.py): the plan on a hand-worked example; packed
-vs padded log-probs, values, losses, metrics and gradients on ragged batches with
-every row kind (on-policy, LTE off-policy, multi-attempt feedback spans, critic)."""
+"""Sequence packing (mars/rl/seq_pack.py): the plan and the balanced grouping of rows
+into micro-batches on hand-worked examples; packed vs padded log-probs, values, losses,
+metrics and gradients on ragged batches with every row kind (on-policy, LTE off-policy,
+multi-attempt feedback spans, critic), regrouped or not."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,27 @@ def test_plan_rows_rounded_and_errors():
   mask[0, 2] = False   # a hole inside a row
   with pytest.raises(ValueError, match="contiguous"):
     seq_pack.plan_batch(jnp.asarray(mask), 1)
+
+
+def test_balanced_order_hand_worked():
+  """Rows of 8, 1, 8 and 1 tokens, 2 micro-batches, packed rows of 10: as given,
+  micro-batch 0 holds both 8s (2 packed rows, so every micro-batch gets 2); balanced,
+  each holds an 8 and a 1 (1 packed row each). The source and target index the
+  reordered rows, and micro-batch i is reordered rows i, i + 2."""
+  lengths = [8, 1, 8, 1]
+  np.testing.assert_array_equal(seq_pack.balanced_order(lengths, 2, 10), [0, 2, 1, 3])
+  as_given = seq_pack.plan([0] * 4, lengths, width=10, num_micro=2, balance=False)
+  p = seq_pack.plan([0] * 4, lengths, width=10, num_micro=2)
+  assert as_given.source.shape == (2, 2, 10) and p.source.shape == (2, 1, 10)
+  np.testing.assert_array_equal(as_given.order, [0, 1, 2, 3])
+  np.testing.assert_array_equal(p.order, [0, 2, 1, 3])
+  # Micro 0 = reordered rows 0 and 2 = rows 0 (8 tokens) and 1 (1 token).
+  np.testing.assert_array_equal(p.source[0, 0], [0, 1, 2, 3, 4, 5, 6, 7, 20, -1])
+  np.testing.assert_array_equal(p.segment[0, 0], [1] * 8 + [2, 0])
+  np.testing.assert_array_equal(p.target[2], -1)   # a 1-token sequence: nothing scored
+  np.testing.assert_array_equal(p.target[1], [-1, 1, 2, 3, 4, 5, 6, 7, -1, -1])
+  # Never worse than the order given: equal lengths keep it.
+  np.testing.assert_array_equal(seq_pack.balanced_order([5, 5, 5, 5], 2, 10), [0, 1, 2, 3])
 
 
 def ragged_batch(cfg, rows: int, seed: int):
@@ -153,6 +175,46 @@ def test_update_packed_equals_padded(case):
   if critic is not None:
     np.testing.assert_allclose(d_loss, c_loss, atol=1e-5, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), d_grads, c_grads)
+
+
+def test_balanced_packing_equals_padded():
+  """A batch whose 8 longest rows sit in micro-batch 0 (rows 0, 2, ...): the balanced
+  plan regroups rows into micro-batches and needs fewer packed rows than the order
+  given, and its log-probs, values, losses, metrics and gradients (policy and critic)
+  equal the padded ones within 1e-5."""
+  cfg = QWEN2
+  params = init_params(cfg, jax.random.key(0))
+  critic = critic_lib.init_critic(params, cfg, jax.random.key(1), head_std=0.02)
+  batch, adv, ret = ragged_batch(cfg, 16, seed=3)
+  by_length = np.argsort(-np.asarray(batch.attention_mask).sum(1), kind="stable")
+  skewed = np.empty(16, np.int64)
+  skewed[0::2], skewed[1::2] = by_length[:8], by_length[8:]
+  batch, adv, ret = jax.tree.map(lambda x: x[skewed], (batch, adv, ret))
+  pack, _ = micro_lib.plan_packing(batch.attention_mask, 8, None)
+  as_given = seq_pack.plan_batch(batch.attention_mask, 2, balance=False)
+  assert pack.source.shape[1] < as_given.source.shape[1]
+  assert not np.array_equal(np.asarray(pack.order), np.arange(16))
+  scored = np.asarray(batch.attention_mask) & (np.asarray(batch.positions) > 0)
+  for fn, p in ((micro_lib.compute_logprobs, params), (micro_lib.compute_values, critic)):
+    padded = np.asarray(fn(cfg, p, batch, micro_batch_size=8))
+    packed = np.asarray(fn(cfg, p, batch, micro_batch_size=8, pack=pack))
+    np.testing.assert_allclose(packed[scored], padded[scored], atol=1e-5, rtol=1e-5)
+  rl_cfg = mars_config.rl_config(eps_low=0.2, eps_high=0.28, micro_batch_size=8,
+                                 **CASES["ppo-critic-kl-entropy"])
+  opts = step_lib._loss_options(rl_cfg)
+  grads = jax.jit(lambda pack: step_lib.accumulate_gradients(cfg, opts, params, critic, batch,
+                                                            adv, ret, pack))
+  (p_loss, p_grads, c_loss, c_grads, metrics), (q_loss, q_grads, d_loss, d_grads, q_metrics) = (
+      grads(None), grads(pack))
+  np.testing.assert_allclose(q_loss, p_loss, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(d_loss, c_loss, atol=1e-5, rtol=1e-5)
+  for k in metrics:
+    np.testing.assert_allclose(q_metrics[k], metrics[k], atol=1e-5, rtol=1e-5, err_msg=k)
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(p_grads))
+  assert scale > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * max(scale, 1)),
+               q_grads, p_grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), d_grads, c_grads)
 
 
 def test_train_step_packed_logs_efficiency_and_compiles_per_bucket():

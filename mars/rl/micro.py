@@ -59,7 +59,8 @@ def pack_index_shardings(mesh):
   """A PackIndex's shardings: packed rows and padded rows both over data×fsdp."""
   packed = sharding.micro_rows_sharding(mesh, 3)
   return seq_pack.PackIndex(source=packed, segment=packed,
-                            target=sharding.batch_sharding(mesh, 2))
+                            target=sharding.batch_sharding(mesh, 2),
+                            order=sharding.replicated(mesh))
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,7 +104,8 @@ def recompute_fn(cfg: ModelConfig, mesh, micro_batch_size, what: str, packed: bo
   def run_packed(params, tokens, positions, index):
     with sharding.use_mesh(mesh):
       n = index.source.shape[0]
-      tok, pos, seg = seq_pack.pack_inputs(index, tokens, positions)
+      tok, pos, seg = seq_pack.pack_inputs(index, *seq_pack.reorder_rows((tokens, positions),
+                                                                         index))
 
       def one(xs):
         tok, pos, seg, target = xs
@@ -112,7 +114,8 @@ def recompute_fn(cfg: ModelConfig, mesh, micro_batch_size, what: str, packed: bo
         return seq_pack.unpack(out, target)
 
       out = jax.lax.map(one, (tok, pos, seg, split_micro(index.target, n)))
-      return sharding.constrain(merge_micro(out), ("batch", "length"))
+      return sharding.constrain(seq_pack.restore_rows(merge_micro(out), index),
+                                ("batch", "length"))
 
   fn = run_packed if packed else run
   if mesh is None:

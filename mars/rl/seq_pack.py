@@ -7,6 +7,12 @@ reading the padded [B, T] arrays it reads unpacked, so packing changes what
 the model is run on and nothing else (only the [B, T] logp / entropy / value
 maps, no vocabulary dim, exist in the padded layout).
 
+Which rows share a micro-batch is the plan's choice (`order`): long-tailed
+lengths put several long rows into one micro-batch by chance, and every
+micro-batch is padded to the rows the fullest one needs, so the plan spreads
+the long rows out (`balanced_order`). The losses have one denominator for the
+whole minibatch, so the grouping changes no gradient, only the summation order.
+
 A row's real tokens must be contiguous (left-padded prompt, response right
 after it: the RolloutBatch layout). Packed rows have `length` columns (the
 padded T by default, so any sequence fits), hold sequences first-fit
@@ -15,6 +21,7 @@ turns into a block-diagonal causal mask, plus each sequence's own positions.
 The first token of a sequence is scored from the previous segment's last
 state: it is a prompt token, outside every loss, and comes back as 0.
 """
+import heapq
 from typing import Any
 
 import flax.struct
@@ -28,9 +35,12 @@ from mars.tokenizer import bucket_length
 @flax.struct.dataclass
 class PackIndex:
   """Where each packed slot comes from and where each padded token goes."""
-  source: Any   # [n, P, L] int32  flat index into the minibatch's [B*T]; -1: empty slot
+  source: Any   # [n, P, L] int32  flat index into the reordered minibatch's [B*T]; -1: empty
   segment: Any  # [n, P, L] int32  1, 2, ... per sequence in its row; 0: empty slot
-  target: Any   # [B, T] int32     flat index into its micro-batch's [P*L]; -1: no score
+  target: Any   # [B, T] int32     per reordered row: flat index into its micro-batch's
+                #                  [P*L]; -1: no score
+  order: Any    # [B] int32        the minibatch row at each position of the reordered
+                #                  minibatch, which micro.split_micro then splits
 
   @property
   def shape(self):
@@ -54,17 +64,53 @@ def _first_fit_decreasing(lengths, capacity: int):
   return len(room), where
 
 
+def _rows_needed(lengths, order, num_micro: int, capacity: int) -> int:
+  """Packed rows of the fullest micro-batch when micro-batch i holds order[i::n]."""
+  return max(_first_fit_decreasing(lengths[order[i::num_micro]], capacity)[0]
+             for i in range(num_micro))
+
+
+def balanced_order(lengths, num_micro: int, capacity: int) -> np.ndarray:
+  """A row order whose micro-batches (order[i::n], B/n rows each) need few packed rows.
+
+  Longest sequence first, each to the micro-batch with the fewest tokens that still
+  has room (LPT scheduling under a row-count limit). Kept only if its fullest
+  micro-batch needs fewer packed rows than the given order's; else the identity.
+  """
+  lengths = np.asarray(lengths, np.int64)
+  B, n = len(lengths), num_micro
+  identity = np.arange(B)
+  if n == 1:
+    return identity
+  per = B // n
+  heap = [(0, j) for j in range(n)]   # (tokens so far, micro-batch); ties: lower index
+  members = [[] for _ in range(n)]
+  for b in np.argsort(-lengths, kind="stable"):
+    load, j = heapq.heappop(heap)
+    members[j].append(int(b))
+    if len(members[j]) < per:
+      heapq.heappush(heap, (load + int(lengths[b]), j))
+  order = np.empty(B, np.int64)
+  for j, rows in enumerate(members):
+    order[j::n] = rows
+  if _rows_needed(lengths, order, n, capacity) < _rows_needed(lengths, identity, n, capacity):
+    return order
+  return identity
+
+
 def plan(starts, lengths, width: int, num_micro: int, rows_multiple: int = 1,
-         length: int = 0) -> PackIndex:
+         length: int = 0, balance: bool = True) -> PackIndex:
   """A PackIndex (numpy) for a minibatch of B rows of `width` columns whose row b
   holds its real tokens at [starts[b], starts[b] + lengths[b]).
 
-  Micro-batch i holds rows i, i + n, ... (mars.rl.micro.split_micro). Every
-  micro-batch gets the same number P of packed rows of `length` columns (0:
-  `width`): the most any of them needs, rounded up to a multiple of
-  `rows_multiple` (the data×fsdp shards) and to one of four sizes per octave,
-  so that a run compiles few packed shapes, and never more than the padded
-  micro-batch's rows (with length = width, packed memory <= padded memory).
+  The minibatch is reordered by `order` (`balanced_order`, or kept as it is
+  without `balance`); micro-batch i then holds reordered rows i, i + n, ...
+  (mars.rl.micro.split_micro). Every micro-batch gets the same number P of
+  packed rows of `length` columns (0: `width`): the most any of them needs,
+  rounded up to a multiple of `rows_multiple` (the data×fsdp shards) and to one
+  of four sizes per octave, so that a run compiles few packed shapes, and never
+  more than the padded micro-batch's rows (with length = width, packed memory
+  <= padded memory).
   """
   starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
   B, n = len(lengths), num_micro
@@ -72,6 +118,8 @@ def plan(starts, lengths, width: int, num_micro: int, rows_multiple: int = 1,
   if lengths.max(initial=0) > L:
     raise ValueError(f"sequence packing: a sequence of {lengths.max()} tokens does not fit "
                      f"a packed row of {L}; set rl.pack_length >= {lengths.max()} (or 0).")
+  order = balanced_order(lengths, n, L) if balance else np.arange(B)
+  starts, lengths = starts[order], lengths[order]   # from here on, reordered rows
   placed, rows_needed = [], 1
   for i in range(n):
     rows = np.arange(i, B, n)
@@ -95,7 +143,8 @@ def plan(starts, lengths, width: int, num_micro: int, rows_multiple: int = 1,
       source[i, r, o:o + m] = b * width + s + np.arange(m)
       segment[i, r, o:o + m] = count[r]
       target[b, s + 1:s + m] = r * L + o + np.arange(1, m)
-  return PackIndex(source=source, segment=segment, target=target)
+  return PackIndex(source=source, segment=segment, target=target,
+                   order=order.astype(np.int32))
 
 
 def largest_shapes(rows: int, width: int, num_micro: int, length: int = 0) -> PackIndex:
@@ -103,7 +152,7 @@ def largest_shapes(rows: int, width: int, num_micro: int, length: int = 0) -> Pa
   many packed rows per micro-batch as the padded micro-batch has): what the planner
   compiles, and what a step traced without data (jax.eval_shape) is traced with."""
   packed = (num_micro, rows // num_micro, length or width)
-  return PackIndex(source=packed, segment=packed, target=(rows, width))
+  return PackIndex(source=packed, segment=packed, target=(rows, width), order=(rows,))
 
 
 def efficiency(index: PackIndex) -> float:
@@ -122,7 +171,7 @@ def row_spans(attention_mask):
 
 
 def plan_batch(attention_mask, num_micro: int, rows_multiple: int = 1, length: int = 0,
-               spans=None) -> PackIndex:
+               spans=None, balance: bool = True) -> PackIndex:
   """`plan` for a [B, T] attention mask; `spans` = row_spans(mask) read to the host
   (default: computed here, for an array this process can read whole)."""
   starts, lengths, contiguous = jax.device_get(
@@ -130,11 +179,24 @@ def plan_batch(attention_mask, num_micro: int, rows_multiple: int = 1, length: i
   if not contiguous:
     raise ValueError("sequence packing needs each row's real tokens contiguous (left-padded "
                      "prompt, response after it); this batch has padding inside a row.")
-  return plan(starts, lengths, attention_mask.shape[1], num_micro, rows_multiple, length)
+  return plan(starts, lengths, attention_mask.shape[1], num_micro, rows_multiple, length,
+              balance)
+
+
+def reorder_rows(tree, index: PackIndex):
+  """The minibatch's [B, ...] arrays in the plan's row order (in a jit)."""
+  order = jnp.asarray(index.order)
+  return jax.tree.map(lambda x: jnp.take(x, order, axis=0), tree)
+
+
+def restore_rows(x, index: PackIndex):
+  """Inverse of `reorder_rows` for one [B, ...] array."""
+  return jnp.take(x, jnp.argsort(jnp.asarray(index.order)), axis=0)
 
 
 def pack_inputs(index: PackIndex, tokens, positions):
-  """(tokens, positions, segment_ids) of the packed rows, [n, P, L] each (in a jit)."""
+  """(tokens, positions, segment_ids) of the packed rows, [n, P, L] each (in a jit),
+  from the reordered minibatch's tokens and positions (`reorder_rows`)."""
   src = jnp.asarray(index.source)
   ok = src >= 0
   idx = jnp.maximum(src, 0)

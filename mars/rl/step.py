@@ -179,24 +179,48 @@ def critic_objective(critic_params, cfg: ModelConfig, opts: dict, batch: Rollout
   old_values, returns = jnp.where(mask, batch.values, 0.0), jnp.where(mask, returns, 0.0)
   loss, metrics = losses.value_loss(values, old_values, returns, mask, opts["value_clip"],
                                     opts["agg_mode"], opts["max_len_norm"], denominator)
+  # Explained variance is not a mean: the minibatch's comes from summed moments.
+  residual = jnp.where(mask, returns - jax.lax.stop_gradient(values), 0.0)
+  metrics.update(_ev_n=jnp.sum(mask).astype(jnp.float32), _ev_r=jnp.sum(returns),
+                 _ev_r2=jnp.sum(jnp.square(returns)), _ev_e=jnp.sum(residual),
+                 _ev_e2=jnp.sum(jnp.square(residual)))
   return opts["vf_coef"] * loss, metrics
 
 
 # Metrics that add up over micro-batches (losses divided by the minibatch count, counts);
-# the rest are per-micro-batch means, recombined weighted by trained tokens.
+# the rest are per-micro-batch means, recombined weighted by the tokens each one
+# averages: on-policy tokens, off-policy tokens, or (the rest) all trained tokens.
+# So they are the minibatch's means however its rows are grouped into micro-batches.
 _SUMMED = ("pg_loss", "kl_loss", "entropy", "policy_loss", "vf_loss", "num_tokens_on",
            "num_tokens_off")
+_ON_POLICY_MEANS = ("clipfrac_low", "clipfrac_high", "clipfrac", "approx_kl", "ratio_mean_on",
+                    "seq_ratio_mean_on", "clipfrac_dual")
+_OFF_POLICY_MEANS = ("ratio_mean_off", "f_r_mean_off")
 
 
-def _combine_micro_metrics(stacked: dict, weights):
+def _combine_micro_metrics(stacked: dict, micro_tokens):
+  share = lambda counts: counts / jnp.maximum(jnp.sum(counts), 1)
+  weights = dict(on=share(stacked["num_tokens_on"].astype(jnp.float32)),
+                 off=share(stacked["num_tokens_off"].astype(jnp.float32)),
+                 all=share(micro_tokens))
   out = {}
   for k, v in stacked.items():
+    if k.startswith("_ev_"):
+      continue
     if k in _SUMMED:
       out[k] = jnp.sum(v, axis=0)
     elif k.startswith("ratio_max"):
       out[k] = jnp.max(v, axis=0)
     else:
-      out[k] = jnp.sum(v * weights, axis=0)
+      kind = "on" if k in _ON_POLICY_MEANS else "off" if k in _OFF_POLICY_MEANS else "all"
+      out[k] = jnp.sum(v * weights[kind], axis=0)
+  if "_ev_n" in stacked:   # 1 − Var[R − V] / Var[R], Bessel-corrected as losses.masked_var
+    n, r, r2, e, e2 = (jnp.sum(stacked[f"_ev_{m}"]) for m in ("n", "r", "r2", "e", "e2"))
+    var = lambda total, squares: (squares - total * total / jnp.maximum(n, 1)) / jnp.maximum(
+        n - 1, 1)
+    var_r = var(r, r2)
+    out["vf_explained_variance"] = jnp.where(
+        var_r > 0, 1.0 - var(e, e2) / jnp.maximum(var_r, 1e-12), 0.0)
   return out
 
 
@@ -213,9 +237,12 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
   mask = _train_mask(batch)
   denominator = _loss_denominator(mask, opts["agg_mode"])
   n = micro_lib.num_micro(batch.tokens.shape[0], opts["micro_batch_size"])
-  micro = jax.tree.map(lambda x: micro_lib.split_micro(x, n), (batch, advantages, returns))
+  rows = (batch, advantages, returns)
+  if pack is not None:   # the plan's grouping of rows into micro-batches
+    rows = seq_pack.reorder_rows(rows, pack)
+  micro = jax.tree.map(lambda x: micro_lib.split_micro(x, n), rows)
   if pack is not None:
-    tok, pos, seg = seq_pack.pack_inputs(pack, batch.tokens, batch.positions)
+    tok, pos, seg = seq_pack.pack_inputs(pack, rows[0].tokens, rows[0].positions)
     micro = micro + ((tok, pos, seg, micro_lib.split_micro(pack.target, n)),)
   else:
     micro = micro + (None,)
@@ -243,7 +270,7 @@ def accumulate_gradients(cfg: ModelConfig, opts: dict, params, critic_params,
           zeros(critic_params) if has_critic else None)
   (p_loss, p_grads, c_loss, c_grads), stacked = jax.lax.scan(body, init, micro)
   micro_tokens = stacked.pop("micro_tokens")
-  metrics = _combine_micro_metrics(stacked, micro_tokens / jnp.maximum(jnp.sum(micro_tokens), 1))
+  metrics = _combine_micro_metrics(stacked, micro_tokens)
   metrics["num_loss_tokens"] = jnp.sum(micro_tokens)
   metrics["transparent_in_loss_mask"] = jnp.sum(
       batch.loss_mask.astype(bool) & batch.transparent_mask.astype(bool))
