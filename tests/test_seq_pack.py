@@ -217,6 +217,39 @@ def test_balanced_packing_equals_padded():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), d_grads, c_grads)
 
 
+def test_balanced_packing_sharded_train_step_equals_unsharded_padded():
+  """On a data=2 x fsdp=2 mesh (rows over 4 shards), a packed train step whose plan
+  regroups the rows gives the params of the unsharded padded step."""
+  from mars import sharding
+  from mars.rl import optim
+  cfg = QWEN2
+  params = jax.device_get(init_params(cfg, jax.random.key(0)))   # each step donates its own
+  batch, adv, ret = ragged_batch(cfg, 16, seed=3)
+  by_length = np.argsort(-np.asarray(batch.attention_mask).sum(1), kind="stable")
+  skewed = np.empty(16, np.int64)
+  skewed[0::2], skewed[1::2] = by_length[:8], by_length[8:]
+  batch, adv, ret = jax.tree.map(lambda x: x[skewed], (batch, adv, ret))
+  mesh = sharding.make_mesh((2, 2, 1), devices=jax.devices()[:4])
+  pack, _ = micro_lib.plan_packing(batch.attention_mask, 8, mesh)
+  assert not np.array_equal(np.asarray(pack.order), np.arange(16))
+  opt = optim.make_optimizer(mars_config.optimizer_config(lr=1e-2, eps=1e-4))
+  new_params = []
+  for packing, m in ((False, None), (True, mesh)):
+    rl_cfg = mars_config.rl_config(micro_batch_size=8, packing=packing)
+    shardings = step_lib.train_state_shardings(cfg, m, opt) if m is not None else None
+    state = step_lib.init_train_state(jax.tree.map(jnp.asarray, params), opt)
+    if m is not None:
+      state = jax.device_put(state, shardings)
+    fn = step_lib.make_train_step(cfg, rl_cfg, opt, None, m, shardings)
+    state, _ = fn(state, batch, adv, ret)
+    new_params.append(jax.device_get(state.params))
+  moved = max(float(np.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(new_params[0]), jax.tree.leaves(params)))
+  assert moved > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), new_params[1],
+               new_params[0])
+
+
 def test_train_step_packed_logs_efficiency_and_compiles_per_bucket():
   from mars.rl import optim
   cfg = QWEN2
