@@ -76,10 +76,18 @@ def test_segment_block_overlap_hand_worked():
   padded[200:] = 1
   got = [np.asarray(kernels.segment_block_overlap(jnp.asarray(s), 128)).astype(int)
          for s in (packed, padded)]
-  # packed: block 0 = {1}, 1 = {1, 2}, 2 = {2}, 3 = {2, 3, 0}: 3's interval [0, 3] is
-  # kept whole (the conservative case). padded: 0 = {0}, 1 = {0, 1}, 2 = 3 = {1}.
-  np.testing.assert_array_equal(got[0], [[1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1]])
+  # packed: block 0 = {1}, 1 = {1, 2}, 2 = {2}, 3 = {2, 3, 0}: 3 meets 1 and 2 (id 2)
+  # and itself, not 0. padded: 0 = {0}, 1 = {0, 1}, 2 = 3 = {1}.
+  np.testing.assert_array_equal(got[0], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
   np.testing.assert_array_equal(got[1], [[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
+  # Any ids, in any order: never rules out two blocks that share an id.
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    ids = rng.integers(-1, 5, 64).astype(np.int32)
+    blocks = ids.reshape(8, 8)
+    share = np.array([[bool(set(a) & set(b)) for b in blocks] for a in blocks])
+    overlap = np.asarray(kernels.segment_block_overlap(jnp.asarray(ids), 8))
+    assert np.all(overlap[share])
 
 
 def test_splash_runs_only_the_blocks_segments_allow(monkeypatch):

@@ -112,14 +112,21 @@ def segment_block_overlap(segments, block: int):
   """segments [T] (T a multiple of `block`) -> [T/block, T/block] bool: whether q block
   i and kv block j can hold a (query, key) pair of one segment.
 
-  Compares each block's [min, max] id interval, which is exact for the runs that
-  packing and padding make and conservative for any ids (two blocks that share an
-  id have overlapping intervals). A block with the empty tail's 0s and real ids
-  has a wide interval and is kept: at most one q row and one kv column of blocks.
+  Compares each block's [min, max] interval of positive ids (sequences), and apart
+  from them its interval of ids <= 0 (empty slots 0, the block padding -1). That is
+  exact for the runs that packing and padding make, and conservative for any ids: two
+  blocks that share an id have overlapping intervals on that id's side. Keeping the
+  two sides apart means a block that holds a row's last sequence and its empty tail
+  only meets blocks of that sequence and of the tail.
   """
   s = segments.reshape(-1, block)
-  lo, hi = s.min(axis=1), s.max(axis=1)
-  return (hi[:, None] >= lo[None, :]) & (hi[None, :] >= lo[:, None])
+
+  def meets(side):
+    big = jnp.iinfo(s.dtype).max
+    lo = jnp.where(side, s, big).min(axis=1)    # a block with no id on this side:
+    hi = jnp.where(side, s, -big).max(axis=1)   # lo > hi, so it meets nothing
+    return (hi[:, None] >= lo[None, :]) & (hi[None, :] >= lo[:, None])
+  return meets(s > 0) | meets(s <= 0)
 
 
 def _restrict_blocks(mask_info, overlap, grid_axis: int):
